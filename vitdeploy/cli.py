@@ -1,0 +1,192 @@
+"""The ``vitdeploy`` command: one subcommand per job, options shared through argument groups.
+
+Errors a user can fix print one line on stderr and exit with code 2 (``--debug`` shows the
+traceback); results go to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import InputError, VitDeployError
+
+
+# --------------------------------------------------------------------------- argument groups
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("model", type=Path, help="checkpoint: a state_dict (with --arch) or a pickled nn.Module")
+    g.add_argument("--arch", help="timm model name (e.g. vit_small_patch16_224) or file.py:Class for plain PyTorch")
+    g.add_argument("--model-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'; "
+                                          "\"layer_norm_eps\" sets every LayerNorm's eps")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a whole nn.Module (this runs code from the file)")
+
+
+def add_preprocessing_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessing (default: the model's timm pretrained_cfg, or build.json)")
+    g.add_argument("--input-size", type=int, nargs="+", metavar="N", help="C H W (or H W)")
+    g.add_argument("--mean", type=float, nargs="+", help="per-channel mean of pixels scaled to [0, 1]")
+    g.add_argument("--std", type=float, nargs="+", help="per-channel std of pixels scaled to [0, 1]")
+
+
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", type=Path, default=Path("calib"),
+                   help="folder of images (class sub-folders optional) or .npz with 'x' (default: calib/)")
+    g.add_argument("--calib-size", type=int, default=512, help="images sampled with a fixed seed (default 512)")
+    g.add_argument("--calib-method", default="max", choices=["max", "entropy", "percentile", "mse"],
+                   help="activation range estimator (default max)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def cmd_build(args) -> int:
+    from .pipeline import BuildConfig, build
+    from .report import table
+
+    cfg = BuildConfig(
+        model=args.model, calib=args.calib, target=args.target, out=args.out, name=args.name, arch=args.arch,
+        model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle, input_size=args.input_size,
+        mean=args.mean, std=args.std, calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed,
+        eval_data=args.eval_data, batch_size=args.batch_size)
+    record = build(cfg)
+    rows = [[name, size / 1e6] for name, size in record["files"].items()]
+    print(f"built {record['output']} in {record['build_seconds']:.1f} s")
+    print(table(["file", "size (MB)"], rows))
+    acc = record.get("accuracy")
+    if acc:
+        print(table(["model", f"top-1 % ({acc['images']} images)"], [["FP32", acc["fp32_top1"]], ["INT8", acc["int8_top1"]]]))
+        print(f"INT8 agrees with FP32 on {acc['agreement']:.2f} % of the images")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .backends.ort import OrtRunner
+    from .data import load_images
+    from .measure.evaluate import predict
+
+    spec = _eval_spec(args)
+    images = load_images(args.data, spec, require_labels=True, what="evaluation data")
+    if args.limit:
+        images = images.subset(range(min(args.limit, len(images))))
+    with OrtRunner(args.onnx, threads=args.threads) as runner:
+        preds = predict(runner, images, args.batch_size)
+    result = {"model": str(args.onnx), "data": str(args.data), "top1": preds.top1, "n": preds.n}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"top-1 {preds.top1:.2f} % on {preds.n} images ({args.onnx})")
+    return 0
+
+
+def _eval_spec(args):
+    """Preprocessing from the flags, else from build.json beside the ONNX file."""
+    from .artifacts import ModelSpec, read_json
+
+    if not args.onnx.is_file():
+        raise InputError(f"ONNX model not found: {args.onnx}")
+    build_json = args.onnx.parent / "build.json"
+    base = ModelSpec.from_dict(read_json(build_json)["preprocessing"]) if build_json.is_file() else None
+    size = tuple(args.input_size) if args.input_size else (base.input_size if base else _onnx_input_size(args.onnx))
+    if len(size) == 2:
+        size = (_onnx_input_size(args.onnx)[0],) + tuple(size)
+    mean = tuple(args.mean) if args.mean else (base.mean if base else None)
+    std = tuple(args.std) if args.std else (base.std if base else None)
+    if mean is None or std is None:
+        raise InputError(f"no build.json beside {args.onnx}: pass --mean and --std (and --input-size if needed)")
+    expand = lambda v: tuple(v) * size[0] if len(v) == 1 else tuple(v)
+    return ModelSpec(name=args.onnx.stem, input_size=tuple(size), mean=expand(mean), std=expand(std),
+                     num_classes=base.num_classes if base else 0,
+                     crop_pct=base.crop_pct if base else 1.0, interpolation=base.interpolation if base else "bilinear")
+
+
+def _onnx_input_size(path: Path):
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    size = tuple(d.dim_value for d in dims[1:])
+    if len(size) != 3 or not all(size):
+        raise InputError(f"{path} has no static C×H×W input: pass --input-size")
+    return size
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    print(run_demo(Path(args.out), train_seconds=args.train_seconds))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitdeploy", description="Compile PyTorch Vision Transformers to INT8 "
+                                     "ONNX (ONNX Runtime) and TensorRT deployments.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="quantize a model and export FP32 + INT8 QDQ ONNX into engines/<name>/")
+    add_model_args(p)
+    add_preprocessing_args(p)
+    add_calibration_args(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--target", default="cpu", help="deployment target (default cpu)")
+    g.add_argument("--out", type=Path, help="output folder (default engines/<name>)")
+    g.add_argument("--name", help="build name (default: the checkpoint's file name)")
+    g.add_argument("--eval-data", type=Path, help="labelled images (.npz or class folders): report FP32 vs INT8 top-1")
+    g.add_argument("--batch-size", type=int, default=64)
+    add_common_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("eval", help="top-1 of an ONNX model in ONNX Runtime on labelled images")
+    p.add_argument("onnx", type=Path, help="ONNX model (preprocessing from the build.json beside it)")
+    p.add_argument("--data", type=Path, required=True, help="labelled images: .npz with x, y or class folders")
+    p.add_argument("--json", action="store_true", help="print one JSON object with top1 (%%) and n")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    add_preprocessing_args(p)
+    add_common_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="train a small ViT on scikit-learn's digits for a minute, build it, show FP32 vs INT8")
+    p.add_argument("--out", default="engines", help="where the demo's build goes (default engines/)")
+    p.add_argument("--train-seconds", type=float, default=60.0, help="training time budget (default 60)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    from .log import configure
+
+    configure(verbose=False, progress=not args.quiet and sys.stderr.isatty())
+    if args.quiet:
+        import logging
+
+        logging.getLogger("vitdeploy").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except VitDeployError as exc:
+        if args.debug:
+            raise
+        print(f"vitdeploy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vitdeploy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

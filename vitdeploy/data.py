@@ -1,0 +1,187 @@
+"""Images for calibration and evaluation: a folder of images or an ``.npz``, preprocessed like the model.
+
+Sources:
+- a folder, searched recursively for jpg/jpeg/png; when the images sit in sub-folders, the sorted
+  sub-folder names are the classes (torchvision ImageFolder convention) and give labels;
+- an ``.npz`` with ``x`` as uint8 N×H×W×C (or N×H×W for grayscale) pixels, or float32 N×C×H×W
+  tensors that are already preprocessed, and optional ``y`` labels.
+Pixels are resized (shorter side to size/crop_pct, then centre crop) only when their size differs
+from the model's, scaled to [0, 1] and normalised with the model's mean/std.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .artifacts import ModelSpec
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_SEED = 0
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """Raw images (uint8 arrays, float tensors or file paths) and labels; preprocessed per batch."""
+
+    source: str
+    spec: ModelSpec
+    pixels: Optional[np.ndarray] = None       # uint8 N×H×W×C
+    tensors: Optional[np.ndarray] = None      # float32 N×C×H×W, already preprocessed
+    paths: Optional[List[Path]] = None
+    labels: Optional[np.ndarray] = None
+    classes: Optional[List[str]] = None
+
+    def __len__(self) -> int:
+        for items in (self.pixels, self.tensors, self.paths):
+            if items is not None:
+                return len(items)
+        return 0
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        idx = np.asarray(indices, dtype=np.int64)
+        pick = lambda a: None if a is None else (a[idx] if isinstance(a, np.ndarray) else [a[i] for i in idx])
+        return dataclasses.replace(self, pixels=pick(self.pixels), tensors=pick(self.tensors),
+                                   paths=pick(self.paths), labels=pick(self.labels))
+
+    def sample(self, size: Optional[int], seed: int = DEFAULT_SEED) -> "ImageSet":
+        """``size`` images drawn without replacement with a fixed seed (all of them if fewer)."""
+        if size is None or size >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        return self.subset(np.sort(rng.choice(len(self), size=size, replace=False)))
+
+    def batches(self, batch_size: int) -> Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        """Yield (float32 N×C×H×W model inputs, labels or None)."""
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            labels = None if self.labels is None else self.labels[start:stop]
+            yield self._inputs(start, stop), labels
+
+    def num_batches(self, batch_size: int) -> int:
+        return (len(self) + batch_size - 1) // batch_size
+
+    def _inputs(self, start: int, stop: int) -> np.ndarray:
+        if self.tensors is not None:
+            return np.ascontiguousarray(self.tensors[start:stop], dtype=np.float32)
+        if self.pixels is not None:
+            images = [self._fit(self.pixels[i], f"{self.source}[{i}]") for i in range(start, stop)]
+        else:
+            images = [self._fit(_read_image(p, self.spec.input_size[0]), str(p)) for p in self.paths[start:stop]]
+        return normalize(np.stack(images), self.spec)
+
+    def _fit(self, image: np.ndarray, where: str) -> np.ndarray:
+        return fit_to_input(image, self.spec, where)
+
+
+def load_images(path: str | Path, spec: ModelSpec, require_labels: bool = False, what: str = "data") -> ImageSet:
+    """Open ``path`` (folder or .npz) for ``spec``; checks shapes up front so errors come early."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}")
+    if path.is_dir():
+        images = _from_folder(path, spec, what)
+    elif path.suffix == ".npz":
+        images = _from_npz(path, spec, what)
+    else:
+        raise InputError(f"{what} must be a folder of images or an .npz file, got {path}")
+    if require_labels and images.labels is None:
+        raise InputError(f"{what} {path} has no labels: use an .npz with 'y' or a folder with one sub-folder per class")
+    # Preprocess the first image now: a size/channel problem is reported before any long work starts.
+    if len(images):
+        images.subset([0])._inputs(0, 1)
+    return images
+
+
+def normalize(images: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """uint8 N×H×W×C → float32 N×C×H×W, (x/255 - mean)/std."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
+
+
+def fit_to_input(image: np.ndarray, spec: ModelSpec, where: str) -> np.ndarray:
+    """One uint8 H×W×C image → the model's H×W×C, or a one-line error saying why it cannot be."""
+    channels, height, width = spec.input_size
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"{where}: expected an H×W×C image, got shape {list(image.shape)}")
+    if image.shape[2] != channels:
+        if image.shape[2] == 1 and channels == 3:
+            image = np.repeat(image, 3, axis=2)
+        else:
+            raise InputError(f"{where}: image has {image.shape[2]} channels but the model takes {channels}: "
+                             f"cannot resize it to the model's input {channels}x{height}x{width}")
+    if image.shape[:2] == (height, width):
+        return image
+    return _resize_center_crop(image, height, width, spec.crop_pct, spec.interpolation)
+
+
+def _resize_center_crop(image: np.ndarray, height: int, width: int, crop_pct: float, interpolation: str) -> np.ndarray:
+    from PIL import Image
+
+    resample = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}.get(interpolation, Image.BILINEAR)
+    scale = max(height, width) / max(crop_pct, 1e-6) / min(image.shape[:2])
+    new_h, new_w = max(height, round(image.shape[0] * scale)), max(width, round(image.shape[1] * scale))
+    planes = []
+    for c in range(image.shape[2]):  # per plane: PIL has no mode for arbitrary channel counts
+        planes.append(np.asarray(Image.fromarray(image[:, :, c]).resize((new_w, new_h), resample)))
+    resized = np.stack(planes, axis=2)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[top:top + height, left:left + width]
+
+
+def _read_image(path: Path, channels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+
+
+def _from_folder(path: Path, spec: ModelSpec, what: str) -> ImageSet:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"{what} folder {path} contains no .jpg/.jpeg/.png images")
+    classes = sorted({p.relative_to(path).parts[0] for p in files if len(p.relative_to(path).parts) > 1})
+    labels = None
+    if classes and all(len(p.relative_to(path).parts) > 1 for p in files):
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[p.relative_to(path).parts[0]] for p in files], dtype=np.int64)
+    return ImageSet(source=str(path), spec=spec, paths=files, labels=labels, classes=classes or None)
+
+
+def _from_npz(path: Path, spec: ModelSpec, what: str) -> ImageSet:
+    try:
+        data = np.load(path)
+        keys = set(data.files)
+    except Exception as exc:
+        raise InputError(f"cannot read {what} {path}: {exc}") from exc
+    if "x" not in keys:
+        raise InputError(f"{what} {path} has no 'x' array (found: {', '.join(sorted(keys)) or 'nothing'})")
+    x = data["x"]
+    labels = data["y"].astype(np.int64).reshape(-1) if "y" in keys else None
+    if len(x) == 0:
+        raise InputError(f"{what} {path} contains no images")
+    if labels is not None and len(labels) != len(x):
+        raise InputError(f"{what} {path}: {len(x)} images but {len(labels)} labels")
+    if x.dtype == np.uint8:
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4:
+            raise InputError(f"{what} {path}: uint8 'x' must be N×H×W×C, got shape {list(x.shape)}")
+        return ImageSet(source=str(path), spec=spec, pixels=x, labels=labels)
+    if np.issubdtype(x.dtype, np.floating):
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(spec.input_size):
+            raise InputError(f"{what} {path}: float 'x' is taken as preprocessed N×C×H×W input and must be "
+                             f"N×{'×'.join(map(str, spec.input_size))}, got {list(x.shape)}; "
+                             "store uint8 N×H×W×C pixels to have them resized")
+        return ImageSet(source=str(path), spec=spec, tensors=x.astype(np.float32), labels=labels)
+    raise InputError(f"{what} {path}: 'x' must be uint8 pixels or float32 tensors, got {x.dtype}")

@@ -1,0 +1,85 @@
+"""Find the layers worth quantizing by what they are and how they run, not by class names.
+
+One forward pass with hooks records, for every nn.Linear / nn.Conv2d that actually executes, its
+order, shapes and MACs per image. Roles (patch-embed, qkv, attention-out, fc1, fc2, head) follow
+from structure: the first layer to see pixels embeds patches, the last one produces the logits, a
+Linear whose width is 3× the next one's input is a fused QKV, a widening Linear followed by one
+that narrows back is an MLP. That works for timm and for hand-written ViTs alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List
+
+import torch
+from torch import nn
+
+from .artifacts import ModelSpec
+
+ROLES = ("patch_embed", "qkv", "attn_out", "mlp_fc1", "mlp_fc2", "head", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    kind: str            # "linear" | "conv"
+    role: str
+    in_features: int
+    out_features: int
+    macs: int            # multiply-accumulates per image
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def find_layers(model: nn.Module, spec: ModelSpec) -> List[LayerInfo]:
+    """The Linear and Conv2d layers that run in a forward pass, in execution order, with roles."""
+    names = {module: name for name, module in model.named_modules()}
+    seen: list = []
+
+    def hook(module, inputs, output):
+        if module in names and all(module is not s[0] for s in seen):
+            seen.append((module, tuple(inputs[0].shape), tuple(output.shape)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *spec.input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [_describe(names[m], m, out_shape) for m, _, out_shape in seen]
+    return _assign_roles(layers)
+
+
+def _describe(name: str, module: nn.Module, out_shape) -> dict:
+    if isinstance(module, nn.Conv2d):
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        positions = out_shape[2] * out_shape[3]
+        return dict(name=name, kind="conv", in_features=module.in_channels, out_features=module.out_channels,
+                    macs=int(positions * k * module.out_channels))
+    rows = 1
+    for d in out_shape[1:-1]:  # tokens (batch is 1)
+        rows *= d
+    return dict(name=name, kind="linear", in_features=module.in_features, out_features=module.out_features,
+                macs=int(rows * module.in_features * module.out_features))
+
+
+def _assign_roles(layers: List[dict]) -> List[LayerInfo]:
+    roles = ["linear"] * len(layers)
+    for i, layer in enumerate(layers):
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if i == 0 and (layer["kind"] == "conv" or len(layers) > 1):
+            roles[i] = "patch_embed"
+        elif i == len(layers) - 1:
+            roles[i] = "head"
+        elif roles[i] != "linear":
+            continue
+        elif nxt and layer["out_features"] == 3 * nxt["in_features"]:
+            roles[i] = "qkv"
+            roles[i + 1] = "attn_out"
+        elif nxt and layer["out_features"] > layer["in_features"] and nxt["in_features"] == layer["out_features"] \
+                and nxt["out_features"] == layer["in_features"]:
+            roles[i] = "mlp_fc1"
+            roles[i + 1] = "mlp_fc2"
+    return [LayerInfo(role=r, **layer) for r, layer in zip(roles, layers)]

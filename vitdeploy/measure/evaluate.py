@@ -1,0 +1,54 @@
+"""Run a model over labelled (or unlabelled) images: predictions, top-1, and agreement between models."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from ..backends.base import Runner
+from ..data import ImageSet
+from ..log import progress
+
+
+@dataclasses.dataclass
+class Predictions:
+    logits: np.ndarray                 # N × classes, float32
+    labels: Optional[np.ndarray]
+
+    @property
+    def argmax(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def top1(self) -> Optional[float]:
+        """Percentage of correct predictions, or None without labels."""
+        if self.labels is None:
+            return None
+        return float((self.argmax == self.labels).mean() * 100.0)
+
+    @property
+    def n(self) -> int:
+        return int(len(self.logits))
+
+
+def predict(runner: Runner, images: ImageSet, batch_size: int = 128, desc: str = "evaluate") -> Predictions:
+    (input_name,) = runner.input_spec()
+    outputs, labels = [], []
+    for x, y in progress(images.batches(batch_size), desc, total=images.num_batches(batch_size)):
+        outputs.append(next(iter(runner.infer({input_name: x}).values())).astype(np.float32))
+        if y is not None:
+            labels.append(y)
+    return Predictions(np.concatenate(outputs), np.concatenate(labels) if labels else None)
+
+
+def agreement(a: Predictions, b: Predictions) -> float:
+    """Share (%) of images on which two models predict the same class."""
+    return float((a.argmax == b.argmax).mean() * 100.0)
+
+
+def cosine_similarity(a: Predictions, b: Predictions) -> float:
+    """Mean over images of the cosine between the two logit vectors."""
+    num = (a.logits * b.logits).sum(axis=1)
+    den = np.linalg.norm(a.logits, axis=1) * np.linalg.norm(b.logits, axis=1) + 1e-12
+    return float((num / den).mean())

@@ -1,0 +1,58 @@
+"""Quantized twins of Linear and Conv2d, registered by type (ModelOpt's QuantModuleRegistry idea).
+
+Each twin shares its parameters with the original and adds an ``input_quantizer`` (per-tensor)
+and a ``weight_quantizer`` (per output channel), so module paths such as ``blocks.0.attn.qkv``
+stay unchanged and the plan can name them.
+"""
+from __future__ import annotations
+
+from typing import Dict, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import TensorQuantizer
+
+
+class _QuantMixin:
+    def _add_quantizers(self, calib_method: str, calib_kwargs: dict) -> None:
+        self.input_quantizer = TensorQuantizer(axis=None, calib_method=calib_method, **calib_kwargs)
+        self.weight_quantizer = TensorQuantizer(axis=0, calib_method="max")
+        # Weights are known now: per-channel max of |W| needs no data.
+        dims = tuple(range(1, self.weight.dim()))
+        self.weight_quantizer.set_amax(self.weight.detach().abs().amax(dim=dims))
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    @classmethod
+    def from_float(cls, layer: nn.Linear, calib_method: str = "max", calib_kwargs: dict | None = None):
+        q = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        q.weight, q.bias = layer.weight, layer.bias
+        q._add_quantizers(calib_method, calib_kwargs or {})
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, calib_method: str = "max", calib_kwargs: dict | None = None):
+        q = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta")
+        q.weight, q.bias = layer.weight, layer.bias
+        q._add_quantizers(calib_method, calib_kwargs or {})
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+QUANT_MODULES: Dict[Type[nn.Module], Type[nn.Module]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
+def quant_class_for(module: nn.Module):
+    """The quantized twin for ``module``, or None. Exact types only: a subclass may change forward."""
+    return QUANT_MODULES.get(type(module))

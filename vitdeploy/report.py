@@ -1,0 +1,58 @@
+"""Human-readable summaries: report.md for a build, and terminal tables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Sequence
+
+
+def table(headers: Sequence[str], rows: List[Sequence], align: str = "") -> str:
+    """A GitHub-flavoured Markdown table (also readable as plain text in a terminal)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    sep = "|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def write_build_report(path: Path, record: dict) -> None:
+    spec = record["preprocessing"]
+    calib = record["inputs"]["calibration"]
+    lines = [
+        f"# {record['name']}: INT8 build for `{record['target']}`",
+        "",
+        f"- model: `{record['inputs']['model']}`" + (f" (arch `{record['inputs']['arch']}`)" if record["inputs"]["arch"] else ""),
+        f"- input: {'x'.join(map(str, spec['input_size']))}, mean {list(spec['mean'])}, std {list(spec['std'])}, "
+        f"{spec['num_classes']} classes",
+        f"- calibration: {calib['images']} images from `{calib['source']}` (seed {calib['seed']}), "
+        f"{calib['method']}, {calib['seconds']:.1f} s",
+        f"- built in {record['build_seconds']:.1f} s with " + ", ".join(
+            f"{k} {v}" for k, v in record["versions"].items() if k in ("torch", "timm", "onnx", "onnxruntime")),
+        "",
+        "## Files",
+        "",
+        table(["file", "size (MB)"], [[name, size / 1e6] for name, size in record["files"].items()]),
+        "",
+        "## Verification (ONNX Runtime vs PyTorch)",
+        "",
+        table(["model", "images", "argmax agreement %", "cosine", "max |Δlogit|"],
+              [[tag, record["verification"]["images"], v["agreement"], f"{v['cosine']:.6f}", f"{v['max_abs_diff']:.3g}"]
+               for tag, v in record["verification"].items() if isinstance(v, dict)]),
+    ]
+    acc = record.get("accuracy")
+    if acc:
+        lines += ["", f"## Accuracy on `{record['inputs']['eval_data']}` ({acc['images']} images, ONNX Runtime)", "",
+                  table(["model", "top-1 %"], [["FP32", acc["fp32_top1"]], ["INT8", acc["int8_top1"]]]), "",
+                  f"INT8 predicts the same class as FP32 on {acc['agreement']:.2f} % of the images."]
+    lines += ["", "## Layers", "",
+              table(["layer", "role", "precision", "MACs/image", "input amax"],
+                    [[l["name"], l["role"], l["precision"], l["macs"], f"{l['input_amax']:.4g}"] for l in record["layers"]]),
+              ""]
+    Path(path).write_text("\n".join(lines))
