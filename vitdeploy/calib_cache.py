@@ -126,7 +126,7 @@ def read_calib_cache(path: PathLike) -> Tuple[str, Dict[str, float]]:
     # Split on '\n' only: str.splitlines() would also break names at exotic separators.
     lines = [line.rstrip("\r") for line in text.split("\n")]
     if not lines[0].strip():
-        raise InputError(f"{path}: empty calibration cache (expected a 'TRT-<version>-<algorithm>' header)")
+        raise InputError(f"{path}:1: empty calibration cache (expected a 'TRT-<version>-<algorithm>' header)")
     header = lines[0].strip()
     if not _HEADER_RE.fullmatch(header):
         raise InputError(f"{path}:1: expected a 'TRT-<version>-<algorithm>' header, got {lines[0]!r}")

@@ -123,7 +123,7 @@ def _onnx_input_size(path: Path):
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    print(run_demo(Path(args.out), train_seconds=args.train_seconds))
+    print(run_demo(Path(args.out), epochs=args.epochs))
     return 0
 
 
@@ -160,7 +160,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small ViT on scikit-learn's digits for a minute, build it, show FP32 vs INT8")
     p.add_argument("--out", default="engines", help="where the demo's build goes (default engines/)")
-    p.add_argument("--train-seconds", type=float, default=60.0, help="training time budget (default 60)")
+    p.add_argument("--epochs", type=int, default=100, help="training epochs (default 100, about a minute)")
     add_common_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -181,7 +181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except VitDeployError as exc:
         if args.debug:
             raise
-        print(f"vitdeploy: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
+        print(f"vitdeploy: error: {message or type(exc).__name__}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("vitdeploy: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from the model's, scaled to [0, 1] and normalised with the model's mean/std.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -50,9 +51,24 @@ class ImageSet:
     def sample(self, size: Optional[int], seed: int = DEFAULT_SEED) -> "ImageSet":
         """``size`` images drawn without replacement with a fixed seed (all of them if fewer)."""
         if size is None or size >= len(self):
-            return self
-        rng = np.random.default_rng(seed)
-        return self.subset(np.sort(rng.choice(len(self), size=size, replace=False)))
+            picked = self
+        else:
+            rng = np.random.default_rng(seed)
+            picked = self.subset(np.sort(rng.choice(len(self), size=size, replace=False)))
+        picked.check_files()
+        return picked
+
+    def check_files(self) -> None:
+        """Open every image file (header and, for PNG, checksums; no decoding) so a corrupt file is
+        reported before calibration starts rather than half-way through it."""
+        from PIL import Image, UnidentifiedImageError
+
+        for p in self.paths or ():
+            try:
+                with Image.open(p) as img:
+                    img.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise InputError(f"cannot read image {p}: {exc}") from exc
 
     def batches(self, batch_size: int) -> Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]:
         """Yield (float32 N×C×H×W model inputs, labels or None)."""
@@ -149,6 +165,8 @@ def _read_image(path: Path, channels: int) -> np.ndarray:
 def _from_folder(path: Path, spec: ModelSpec, what: str) -> ImageSet:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
+        if not os.access(path, os.R_OK | os.X_OK):  # rglob silently skips folders it cannot list
+            raise InputError(f"cannot read {what} folder {path}: permission denied")
         raise InputError(f"{what} folder {path} contains no .jpg/.jpeg/.png images")
     classes = sorted({p.relative_to(path).parts[0] for p in files if len(p.relative_to(path).parts) > 1})
     labels = None
@@ -166,8 +184,13 @@ def _from_npz(path: Path, spec: ModelSpec, what: str) -> ImageSet:
         raise InputError(f"cannot read {what} {path}: {exc}") from exc
     if "x" not in keys:
         raise InputError(f"{what} {path} has no 'x' array (found: {', '.join(sorted(keys)) or 'nothing'})")
-    x = data["x"]
-    labels = data["y"].astype(np.int64).reshape(-1) if "y" in keys else None
+    try:  # members load lazily: object arrays, non-.npy members and bad labels fail here, not later
+        x = data["x"]
+        labels = data["y"].astype(np.int64).reshape(-1) if "y" in keys else None
+    except Exception as exc:
+        raise InputError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(x, np.ndarray) or x.ndim == 0:
+        raise InputError(f"{what} {path}: 'x' must be an array of images, got {type(x).__name__} {getattr(x, 'shape', '')}")
     if len(x) == 0:
         raise InputError(f"{what} {path} contains no images")
     if labels is not None and len(labels) != len(x):

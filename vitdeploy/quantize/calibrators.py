@@ -59,9 +59,12 @@ _START_BIN = 128
 # The streaming histogram keeps this many internal bins per output bin (see HistogramCalibrator).
 _OVERSAMPLE = 16
 
-# torch.histc may count in float32; feeding at most 2**24 elements per call keeps every count
-# exactly representable whatever the backend does.
-_HISTC_CHUNK = 1 << 24
+# Elements binned per step: bounds the temporaries (|x| and bin indices, 4 bytes each) to
+# 64 MiB apiece however large an activation tensor is.
+_BIN_CHUNK = 1 << 24
+
+# Above this, the per-element factor num_internal_bins / range would overflow float32.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 # Candidates per chunk in the MSE search: bounds its temporary (chunk x bins) arrays to ~4 MiB.
 _MSE_CHUNK = 256
@@ -120,7 +123,8 @@ def _as_float_tensor(x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x))
     x = x.detach()
-    # Half types are promoted: CPU histc does not support them and float32 is exact for them.
+    # Integer and half types are promoted so all the arithmetic below runs in float32, which
+    # represents every half/bfloat16 value exactly.
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     if x.numel() == 0:
@@ -223,7 +227,7 @@ class HistogramCalibrator(Calibrator):
       ``amax_seen > R / 2``, so every output bin spans 8 to 16 internal bins and the resampling
       error is at most one internal bin (1/8 output bin) at each output bin edge. While the
       range has never grown, the output is an exact merge of 16 internal bins: the same
-      histogram as one ``torch.histc(|x|, num_bins, 0, max)`` over all the data at once.
+      histogram as binning all the data in a single call.
 
     The 16x oversampling was chosen empirically: percentile/MSE amaxes then match a one-shot
     histogram to within a bin, and the (more sensitive) entropy amax usually matches exactly
@@ -273,10 +277,10 @@ class HistogramCalibrator(Calibrator):
             self._grow_range(batch_max)
         self._amax_seen = max(self._amax_seen, batch_max)
         if self._range == 0.0:
-            # Only zeros so far (batch_max <= range == 0): histc needs max > min.
+            # Only zeros so far (batch_max <= range == 0): binning needs a positive range.
             self._counts[0] += x.numel()
             return
-        self._add_counts(x.abs().flatten())
+        self._add_counts(x.reshape(-1))
 
     def _grow_range(self, new_max: float) -> None:
         """Double the range until it covers ``new_max``, merging bins exactly."""
@@ -299,11 +303,22 @@ class HistogramCalibrator(Calibrator):
         self._counts[: merged.numel()] = merged
 
     def _add_counts(self, values: torch.Tensor) -> None:
-        """Histogram non-negative ``values`` (all <= range) into the internal counts."""
-        for start in range(0, values.numel(), _HISTC_CHUNK):
-            chunk = values[start : start + _HISTC_CHUNK]
-            hist = torch.histc(chunk, bins=self._num_internal, min=0.0, max=self._range)
-            self._counts += hist.to("cpu", torch.int64)
+        """Histogram ``|values|`` (all <= range) into the internal counts.
+
+        Bin ``k`` holds ``[k, k + 1) * range / bins``, the last bin also holds ``range`` itself
+        (torch.histc's convention). This uses ``bincount`` on int32 indices rather than
+        ``torch.histc``: counts are exact int64, and histc's per-call cost grows with the bin
+        count (~50 ms for 32768 bins on a 1000-element tensor), which dominates calibration
+        when there are many small activations.
+        """
+        n = self._num_internal
+        factor = n / self._range
+        for start in range(0, values.numel(), _BIN_CHUNK):
+            chunk = values[start : start + _BIN_CHUNK].abs()
+            if factor > _FLOAT32_MAX and chunk.dtype != torch.float64:
+                chunk = chunk.double()  # a tiny range: keep the product finite
+            index = chunk.mul_(factor).clamp_(max=n - 1).to(torch.int32)
+            self._counts += torch.bincount(index, minlength=n).to("cpu")
 
     # -- amax -------------------------------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""Acceptance on real trained ViTs: a timm ViT on CIFAR-10 and a plain-PyTorch ViT on MNIST.
+
+Skipped when ../shared/data is absent. Each build runs the CLI exactly as a user would.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vitdeploy.cli import main
+
+from .shared_data import import_model_file, mnist_npz, shared_path
+
+pytestmark = pytest.mark.slow
+
+CIFAR_KWARGS = {"img_size": 32, "patch_size": 4, "num_classes": 10, "embed_dim": 128, "depth": 6, "num_heads": 4,
+                "mlp_ratio": 2.0, "layer_norm_eps": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def cifar_build(tmp_path_factory):
+    """cifar10_vit pickled whole, 512 calibration images from train_10k, evaluated on all 10,000 test images."""
+    folder = tmp_path_factory.mktemp("cifar")
+    module = import_model_file(shared_path("cifar10_vit", "model.py"), "cifar10_vit_model")
+    torch.save(module.build(), folder / "cifar10_vit.pt")
+    out = folder / "out"
+    code = main(["build", str(folder / "cifar10_vit.pt"), "--trust-pickle", "--mean", "0.5", "--std", "0.5",
+                 "--calib", str(shared_path("cifar10", "train_10k.npz")), "--calib-size", "512",
+                 "--eval-data", str(shared_path("cifar10", "test.npz")), "--target", "cpu", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out, json.loads((out / "build.json").read_text())
+
+
+def test_cifar10_int8_top1_within_one_point(cifar_build):
+    _, record = cifar_build
+    acc = record["accuracy"]
+    assert acc["images"] == 10000
+    assert abs(acc["fp32_top1"] - 51.8) < 0.5  # the model card's FP32 number: the export is faithful
+    assert abs(acc["int8_top1"] - acc["fp32_top1"]) <= 1.0
+
+
+def test_cifar10_build_folder_is_complete(cifar_build):
+    out, record = cifar_build
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "model.fp32.onnx", "model.int8.onnx", "report.md"]
+    assert record["inputs"]["calibration"]["images"] == 512
+    roles = [layer["role"] for layer in record["layers"]]
+    # patch-embed conv, 6 × (qkv, attn-out, fc1, fc2), head: every one INT8.
+    assert roles == ["patch_embed"] + ["qkv", "attn_out", "mlp_fc1", "mlp_fc2"] * 6 + ["head"]
+    assert all(layer["precision"] == "int8" for layer in record["layers"])
+    assert record["files"]["model.int8.onnx"] < 0.4 * record["files"]["model.fp32.onnx"]
+    assert "| INT8" in (out / "report.md").read_text()
+
+
+def test_cifar10_qdq_onnx_reproduces_pytorch_fake_quant(cifar_build, tmp_path):
+    """ONNX Runtime running the QDQ graph vs the PyTorch fake-quant model, on real test images."""
+    from vitdeploy.backends.ort import OrtRunner
+    from vitdeploy.data import load_images
+    from vitdeploy.load import load_model
+    from vitdeploy.quantize.apply import quantize_model
+
+    out, record = cifar_build
+    model, spec = load_model(out.parent / "cifar10_vit.pt", trust_pickle=True, mean=[0.5], std=[0.5])
+    qmodel = quantize_model(model, [layer["name"] for layer in record["layers"]])
+    for layer in record["layers"]:  # the activation ranges the build calibrated
+        dict(qmodel.named_modules())[layer["name"]].input_quantizer.set_amax(layer["input_amax"])
+    images = load_images(shared_path("cifar10", "test.npz"), spec).subset(range(2000))
+    x = np.concatenate([b for b, _ in images.batches(500)])
+    with torch.no_grad():
+        reference = qmodel(torch.from_numpy(x)).numpy()
+    with OrtRunner(out / "model.int8.onnx") as runner:
+        onnx_logits = runner.infer({"input": x})["logits"]
+    agreement = (reference.argmax(1) == onnx_logits.argmax(1)).mean()
+    cosine = (reference * onnx_logits).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(onnx_logits, axis=1))
+    assert agreement >= 0.99
+    assert cosine.mean() >= 0.999
+
+
+def test_eval_json_matches_build(cifar_build, capsys):
+    out, record = cifar_build
+    assert main(["eval", str(out / "model.int8.onnx"), "--data", str(shared_path("cifar10", "test_exact846.npz")),
+                 "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 846
+    assert 30.0 < result["top1"] < 70.0
+
+
+def test_cifar10_state_dict_with_arch_matches_pickled_module(tmp_path, capsys):
+    """The state_dict + --arch path builds the same network (layer_norm_eps included)."""
+    module = import_model_file(shared_path("cifar10_vit", "model.py"), "cifar10_vit_model")
+    reference = module.build()
+    x = np.load(shared_path("cifar10", "test_exact846.npz"))["x"][:64]
+    out = tmp_path / "out"
+    code = main(["build", str(shared_path("cifar10_vit", "vit_cifar10_timm.pth")), "--arch", "vit_tiny_patch16_224",
+                 "--model-kwargs", json.dumps(CIFAR_KWARGS), "--mean", "0.5", "--std", "0.5",
+                 "--calib", str(shared_path("cifar10", "train_10k.npz")), "--calib-size", "64", "--out", str(out),
+                 "--quiet"])
+    assert code == 0
+    from vitdeploy.backends.ort import OrtRunner
+
+    inputs = ((x.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2).copy()
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(inputs)).numpy()
+    with OrtRunner(out / "model.fp32.onnx") as runner:
+        got = runner.infer({"input": inputs})["logits"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mnist_plain_pytorch_vit(tmp_path):
+    """A hand-written ViT (not timm): state_dict + --arch file.py:Class, calibrate on 5000–9999, evaluate on 0–4999."""
+    paths = mnist_npz(tmp_path)
+    out = tmp_path / "out"
+    code = main(["build", str(shared_path("mnist_vit", "vit_mnist.pt")),
+                 "--arch", f"{shared_path('mnist_vit', 'model.py')}:ViT", "--input-size", "1", "28", "28",
+                 "--mean", "0.1307", "--std", "0.3081", "--calib", str(paths["calib"]), "--calib-size", "512",
+                 "--eval-data", str(paths["eval"]), "--out", str(out), "--quiet"])
+    assert code == 0
+    record = json.loads((out / "build.json").read_text())
+    acc = record["accuracy"]
+    assert acc["images"] == 5000
+    assert acc["fp32_top1"] > 95.0
+    assert abs(acc["int8_top1"] - acc["fp32_top1"]) <= 1.0
+    roles = [layer["role"] for layer in record["layers"]]
+    assert roles == ["patch_embed"] + ["qkv", "attn_out", "mlp_fc1", "mlp_fc2"] * 6 + ["head"]
