@@ -41,6 +41,8 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-method", default="max", choices=["max", "entropy", "percentile", "mse"],
                    help="activation range estimator (default max)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--plan", type=Path, help="precision plan JSON (written by every build as plan.json; "
+                                             "module paths or patterns → int8|int8-asym|fp16|fp32)")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -58,16 +60,36 @@ def cmd_build(args) -> int:
         model=args.model, calib=args.calib, target=args.target, out=args.out, name=args.name, arch=args.arch,
         model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle, input_size=args.input_size,
         mean=args.mean, std=args.std, calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed,
+        plan=args.plan,
         eval_data=args.eval_data, batch_size=args.batch_size)
     record = build(cfg)
     rows = [[name, size / 1e6] for name, size in record["files"].items()]
     print(f"built {record['output']} in {record['build_seconds']:.1f} s")
     print(table(["file", "size (MB)"], rows))
+    print(f"INT8 share of Linear/Conv MACs: {record['plan']['int8_linear_mac_share']:.1f} % "
+          f"(with attention matmuls: {record['plan']['int8_mac_share']:.1f} %)")
     acc = record.get("accuracy")
     if acc:
-        print(table(["model", f"top-1 % ({acc['images']} images)"], [["FP32", acc["fp32_top1"]], ["INT8", acc["int8_top1"]]]))
-        print(f"INT8 agrees with FP32 on {acc['agreement']:.2f} % of the images")
+        rows = [["FP32", acc["fp32_top1"]]] + ([["INT8", acc["int8_top1"]]] if "int8_top1" in acc else [])
+        print(table(["model", f"top-1 % ({acc['images']} images)"], rows))
+        if "agreement" in acc:
+            print(f"INT8 agrees with FP32 on {acc['agreement']:.2f} % of the images")
     return 0
+
+
+def cmd_targets(args) -> int:
+    from .targets import format_targets_table
+
+    print(format_targets_table())
+    return 0
+
+
+def cmd_lint(args) -> int:
+    from .lint import format_report, lint_errors, lint_model
+
+    violations = lint_model(args.onnx, args.target)
+    print(format_report(violations))
+    return 1 if lint_errors(violations) else 0
 
 
 def cmd_eval(args) -> int:
@@ -139,7 +161,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_preprocessing_args(p)
     add_calibration_args(p)
     g = p.add_argument_group("output")
-    g.add_argument("--target", default="cpu", help="deployment target (default cpu)")
+    g.add_argument("--target", default="cpu", help="cpu, jetson-tx2, jetson-xavier, jetson-orin (jetson), desktop "
+                                                   "(default cpu; see vitdeploy targets)")
     g.add_argument("--out", type=Path, help="output folder (default engines/<name>)")
     g.add_argument("--name", help="build name (default: the checkpoint's file name)")
     g.add_argument("--eval-data", type=Path, help="labelled images (.npz or class folders): report FP32 vs INT8 top-1")
@@ -157,6 +180,17 @@ def make_parser() -> argparse.ArgumentParser:
     add_preprocessing_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("targets", help="list the deployment targets and what each implies")
+    add_common_args(p)
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("lint", help="check a QDQ ONNX model against a target's rules (TensorRT's contract); "
+                                    "exit 1 on errors")
+    p.add_argument("onnx", type=Path)
+    p.add_argument("--target", default="jetson-orin", help="target whose rules apply (default jetson-orin)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("demo", help="train a small ViT on scikit-learn's digits for a minute, build it, show FP32 vs INT8")
     p.add_argument("--out", default="engines", help="where the demo's build goes (default engines/)")

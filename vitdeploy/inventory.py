@@ -16,13 +16,13 @@ from torch import nn
 
 from .artifacts import ModelSpec
 
-ROLES = ("patch_embed", "qkv", "attn_out", "mlp_fc1", "mlp_fc2", "head", "linear")
+ROLES = ("patch_embed", "qkv", "attn_qk", "attn_av", "attn_out", "mlp_fc1", "mlp_fc2", "head", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
     name: str
-    kind: str            # "linear" | "conv"
+    kind: str            # "linear" | "conv" | "matmul" (attention q·kᵀ and softmax·v)
     role: str
     in_features: int
     out_features: int
@@ -33,23 +33,49 @@ class LayerInfo:
 
 
 def find_layers(model: nn.Module, spec: ModelSpec) -> List[LayerInfo]:
-    """The Linear and Conv2d layers that run in a forward pass, in execution order, with roles."""
+    """The layers that run in a forward pass, in execution order, with roles.
+
+    Linear and Conv2d layers always; the two matmuls of every attention module that has a
+    quantized twin (timm's Attention) as ``<path>.matmul_qk`` and ``<path>.matmul_av``.
+    """
+    from .quantize.attention import attention_twin_for
+
     names = {module: name for name, module in model.named_modules()}
     seen: list = []
+    attentions: dict = {}
 
     def hook(module, inputs, output):
         if module in names and all(module is not s[0] for s in seen):
             seen.append((module, tuple(inputs[0].shape), tuple(output.shape)))
 
+    def attention_hook(module, inputs, output):
+        attentions.setdefault(names[module], (module, tuple(inputs[0].shape)))
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    handles += [m.register_forward_hook(attention_hook) for m in model.modules() if attention_twin_for(m)]
     try:
         with torch.no_grad():
             model(torch.zeros(1, *spec.input_size))
     finally:
         for h in handles:
             h.remove()
-    layers = [_describe(names[m], m, out_shape) for m, _, out_shape in seen]
-    return _assign_roles(layers)
+    layers = _assign_roles([_describe(names[m], m, out_shape) for m, _, out_shape in seen])
+    return _with_attention_matmuls(layers, attentions)
+
+
+def _with_attention_matmuls(layers: List[LayerInfo], attentions: dict) -> List[LayerInfo]:
+    """Put each attention's two matmuls right after its qkv projection (execution order)."""
+    out = []
+    for layer in layers:
+        out.append(layer)
+        path = layer.name.rpartition(".")[0]
+        if layer.role == "qkv" and path in attentions:
+            module, in_shape = attentions[path]
+            tokens, heads, head_dim = in_shape[1], module.num_heads, module.head_dim
+            macs = heads * tokens * tokens * head_dim
+            out.append(LayerInfo(f"{path}.matmul_qk", "matmul", "attn_qk", head_dim, tokens, macs))
+            out.append(LayerInfo(f"{path}.matmul_av", "matmul", "attn_av", tokens, head_dim, macs))
+    return out
 
 
 def _describe(name: str, module: nn.Module, out_shape) -> dict:

@@ -24,7 +24,6 @@ log = get_logger(__name__)
 # The QDQ graph in ONNX Runtime must compute what the PyTorch fake-quant model computes.
 VERIFY_MIN_AGREEMENT = 99.0
 VERIFY_MIN_COSINE = 0.999
-SUPPORTED_TARGETS = ("cpu",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +41,7 @@ class BuildConfig:
     std: Optional[Sequence[float]] = None
     calib_size: int = 512
     calib_method: str = "max"
+    plan: Optional[Path] = None
     seed: int = 0
     eval_data: Optional[Path] = None
     batch_size: int = 64
@@ -59,17 +59,19 @@ class BuildConfig:
 def build(cfg: BuildConfig) -> dict:
     """Run the whole pipeline; returns the build.json content (also written to the output folder)."""
     from .data import load_images
-    from .export.onnx_export import DEFAULT_OPSET, export_fp32, save_model
-    from .export.qdq import insert_qdq, layer_quant_from_module
+    from .export.onnx_export import DEFAULT_OPSET, export_fp32
     from .inventory import find_layers
     from .load import load_model
-    from .quantize.apply import calibrate, quantize_model, quantized_layers
+    from .plan import QUANTIZED, int8_mac_share, read_plan, role_defaults
+    from .quantize.apply import calibrate, quantize_model
+    from .targets import get_target
     from .versions import versions
 
-    if cfg.target not in SUPPORTED_TARGETS:
-        raise InputError(f"unknown target '{cfg.target}': this version builds {', '.join(SUPPORTED_TARGETS)}")
+    target = get_target(cfg.target)
     if cfg.calib_size <= 0:
         raise InputError(f"--calib-size must be positive, got {cfg.calib_size}")
+    if target.warning:
+        log.warning("%s: %s", target.name, target.warning)
     started = time.time()
     model, spec = load_model(cfg.model, cfg.arch, cfg.model_kwargs, cfg.trust_pickle,
                              cfg.input_size, cfg.mean, cfg.std)
@@ -83,23 +85,24 @@ def build(cfg: BuildConfig) -> dict:
              spec.name, "x".join(map(str, spec.input_size)), spec.num_classes, len(calib), len(calib_all), cfg.calib)
 
     layers = find_layers(model, spec)
-    qmodel = quantize_model(model, [layer.name for layer in layers], cfg.calib_method)
-    calib_seconds = _calibrate(qmodel, calib, cfg.batch_size, calibrate)
+    plan = read_plan(cfg.plan) if cfg.plan else role_defaults(layers)
+    precision = plan.resolve(layer.name for layer in layers)
+    if not target.int8:  # TX2: no INT8 on sm_62, everything runs in FP16
+        precision = {name: "fp16" if p in QUANTIZED else p for name, p in precision.items()}
+    quantized = [n for n, p in precision.items() if p in QUANTIZED]
+    qmodel = quantize_model(model, quantized, cfg.calib_method) if quantized else None
+    calib_seconds = _calibrate(qmodel, calib, cfg.batch_size, calibrate) if qmodel is not None else 0.0
 
     out_dir = cfg.output_dir(spec)
     with atomic_folder(out_dir) as tmp:
-        steps = iter(progress(range(3), "export", total=3, unit="step"))
-        next(steps)
         fp32_proto = export_fp32(model, spec, tmp / "model.fp32.onnx", opset=max(cfg.opset, DEFAULT_OPSET))
-        next(steps)
-        int8_proto = insert_qdq(fp32_proto, {n: layer_quant_from_module(m) for n, m in quantized_layers(qmodel).items()})
-        save_model(int8_proto, tmp / "model.int8.onnx")
-        next(steps, None)
-        verification = _verify(qmodel, model, spec, calib, tmp, cfg)
+        amax = _export_int8(fp32_proto, qmodel, target, tmp) if qmodel is not None else None
+        violations = _lint(tmp, target)
+        verification = _verify(qmodel, model, spec, calib, tmp, cfg, fp16_int8=target.strongly_typed)
         accuracy = _evaluate(tmp, eval_images, cfg.batch_size) if eval_images is not None else None
         record = {
             "name": spec.name,
-            "target": cfg.target,
+            "target": target.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": None,
             "inputs": {
@@ -112,18 +115,93 @@ def build(cfg: BuildConfig) -> dict:
             "preprocessing": spec.to_dict(),
             "versions": versions(),
             "files": {},
-            "layers": [_layer_record(layer, qmodel, cfg) for layer in layers],
+            "plan": {"source": str(cfg.plan) if cfg.plan else plan.meta.get("source"),
+                     "int8_linear_mac_share": int8_mac_share(layers, precision),
+                     "int8_mac_share": int8_mac_share(layers, precision, kinds=("linear", "conv", "matmul"))},
+            "layers": [_layer_record(layer, precision[layer.name], qmodel, cfg) for layer in layers],
+            "lint": [str(v) for v in violations],
             "verification": verification,
             "accuracy": accuracy,
         }
-        record["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.suffix == ".onnx"}
+        _write_outputs(tmp, record, precision, target, calib, amax)
         record["build_seconds"] = round(time.time() - started, 2)
-        write_json(tmp / "build.json", record)
-        from .report import write_build_report
-
-        write_build_report(tmp / "report.md", record)
+        _write_records(tmp, record)
     record["output"] = str(out_dir)
+    if target.is_tensorrt:
+        _engine_or_bundle_message(out_dir, target)
     return record
+
+
+def _export_int8(fp32_proto, qmodel, target, folder: Path) -> dict:
+    """model.int8.onnx for the target (FP16 strongly typed for desktop) and its activation ranges."""
+    from .bundle import calib_amax_from_qdq
+    from .export.onnx_export import save_model
+    from .export.qdq import attention_quant_from_module, insert_qdq, layer_quant_from_module
+    from .quantize.apply import quantized_attentions, quantized_layers
+
+    proto = insert_qdq(fp32_proto, {n: layer_quant_from_module(m) for n, m in quantized_layers(qmodel).items()},
+                       {n: attention_quant_from_module(m) for n, m in quantized_attentions(qmodel).items()})
+    amax = calib_amax_from_qdq(proto)
+    if target.strongly_typed:
+        from .export.fp16 import to_fp16
+
+        proto = to_fp16(proto)  # TensorRT strongly typed networks take precisions from the ONNX types
+    save_model(proto, folder / "model.int8.onnx")
+    return amax
+
+
+def _lint(folder: Path, target) -> list:
+    """The TensorRT contract (or ONNX Runtime's, for cpu) on what this build wrote; errors fail it."""
+    from .errors import BuildError
+    from .lint import lint_errors, lint_model
+
+    name = "model.int8.onnx" if (folder / "model.int8.onnx").exists() else "model.fp32.onnx"
+    violations = lint_model(folder / name, target)
+    errors = lint_errors(violations)
+    if errors:
+        raise BuildError(f"{name} breaks the {target.name} contract: {errors[0]} "
+                         f"({len(errors)} error(s); see vitdeploy lint)")
+    for v in violations:
+        log.warning("lint: %s", v)
+    return violations
+
+
+def _write_outputs(folder: Path, record: dict, precision: dict, target, calib, amax) -> None:
+    from .calib_cache import write_calib_cache
+    from .plan import write_plan
+
+    write_plan(folder / "plan.json", precision, {"model": record["name"], "source": record["plan"]["source"]})
+    if amax and not target.is_tensorrt:
+        write_calib_cache(folder / "calib.cache", amax)
+    if target.is_tensorrt:
+        from .bundle import write_bundle
+
+        onnx_path = folder / ("model.int8.onnx" if amax else "model.fp32.onnx")
+        images = np.concatenate([x for x, _ in calib.batches(256)])
+        record["bundle"] = write_bundle(folder, target, onnx_path, images, amax, record)
+
+
+def _write_records(folder: Path, record: dict) -> None:
+    from .report import write_build_report
+
+    record["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    write_json(folder / "build.json", record)
+    write_build_report(folder / "report.md", record)
+
+
+def _engine_or_bundle_message(out_dir: Path, target) -> None:
+    import importlib.util
+
+    from .bundle import build_engine_command
+
+    if importlib.util.find_spec("tensorrt") is None:
+        log.info("TensorRT is not installed here, so %s holds a deploy bundle: build the engine on the %s itself "
+                 "(TensorRT engines are not portable across GPUs and TensorRT versions), see %s/DEPLOY.md",
+                 out_dir, target.name, out_dir)
+    else:
+        log.info("TensorRT found: build the engine with: cd %s && %s", out_dir,
+                 " ".join(build_engine_command(target, "model.int8.onnx" if target.int8 else "model.fp32.onnx",
+                                               (3, 224, 224))))
 
 
 def _calibrate(qmodel, calib, batch_size: int, calibrate) -> float:
@@ -139,8 +217,12 @@ def _calibrate(qmodel, calib, batch_size: int, calibrate) -> float:
     return time.perf_counter() - start
 
 
-def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfig) -> dict:
-    """ONNX Runtime vs PyTorch on real images, for both exported files; a mismatch fails the build."""
+def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfig, fp16_int8: bool = False) -> dict:
+    """ONNX Runtime vs PyTorch on real images, for both exported files; a mismatch fails the build.
+
+    A strongly typed (FP16) INT8 file computes in FP16 on purpose: argmax may flip on near ties,
+    so only the logits' cosine is held to the threshold there.
+    """
     from .backends.ort import OrtRunner
     from .backends.torch_runner import TorchRunner
     from .measure.evaluate import agreement, cosine_similarity, predict
@@ -148,13 +230,16 @@ def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfi
     images = calib.subset(range(min(cfg.verify_images, len(calib))))
     result = {"images": len(images)}
     for tag, torch_model in (("fp32", model), ("int8", qmodel)):
+        if torch_model is None:
+            continue
         with TorchRunner(torch_model, spec.input_name, spec.output_name, spec.input_size) as ref, \
                 OrtRunner(folder / f"model.{tag}.onnx") as ort:
             a = predict(ref, images, cfg.batch_size, desc=f"verify {tag}")
             b = predict(ort, images, cfg.batch_size, desc=f"verify {tag}")
         result[tag] = {"agreement": agreement(a, b), "cosine": cosine_similarity(a, b),
                        "max_abs_diff": float(np.abs(a.logits - b.logits).max())}
-        if result[tag]["agreement"] < VERIFY_MIN_AGREEMENT or result[tag]["cosine"] < VERIFY_MIN_COSINE:
+        check_argmax = not (fp16_int8 and tag == "int8")
+        if (check_argmax and result[tag]["agreement"] < VERIFY_MIN_AGREEMENT) or result[tag]["cosine"] < VERIFY_MIN_COSINE:
             raise ExportError(f"model.{tag}.onnx in ONNX Runtime does not reproduce PyTorch: agreement "
                               f"{result[tag]['agreement']:.2f} %, cosine {result[tag]['cosine']:.5f}")
     return result
@@ -166,21 +251,32 @@ def _evaluate(folder: Path, images, batch_size: int) -> dict:
 
     preds = {}
     for tag in ("fp32", "int8"):
-        with OrtRunner(folder / f"model.{tag}.onnx") as runner:
-            preds[tag] = predict(runner, images, max(batch_size, 128), desc=f"evaluate {tag}")
-    return {"images": preds["fp32"].n, "fp32_top1": preds["fp32"].top1, "int8_top1": preds["int8"].top1,
-            "agreement": agreement(preds["fp32"], preds["int8"])}
+        if (folder / f"model.{tag}.onnx").exists():
+            with OrtRunner(folder / f"model.{tag}.onnx") as runner:
+                preds[tag] = predict(runner, images, max(batch_size, 128), desc=f"evaluate {tag}")
+    result = {"images": preds["fp32"].n, "fp32_top1": preds["fp32"].top1}
+    if "int8" in preds:
+        result.update(int8_top1=preds["int8"].top1, agreement=agreement(preds["fp32"], preds["int8"]))
+    return result
 
 
-def _layer_record(layer, qmodel, cfg: BuildConfig) -> dict:
-    module = dict(qmodel.named_modules())[layer.name]
-    return {
-        **layer.to_dict(), "precision": "int8",
-        "weights": "int8 symmetric, per output channel (max |w|)",
-        "activations": "int8 symmetric, per tensor",
-        "input_amax": float(module.input_quantizer.amax),
-        "scales_source": f"{cfg.calib_method} calibration",
-    }
+def _layer_record(layer, precision: str, qmodel, cfg: BuildConfig) -> dict:
+    record = {**layer.to_dict(), "precision": precision}
+    if precision not in ("int8", "int8-asym"):
+        return record
+    modules = dict(qmodel.named_modules())
+    if layer.kind == "matmul":
+        attn_path, _, matmul = layer.name.rpartition(".")
+        from .quantize.attention import matmul_quantizers
+
+        record["input_amax"] = [float(q.amax) for q in matmul_quantizers(modules[attn_path], matmul)]
+        record["activations"] = "int8 symmetric, per tensor, on both inputs"
+    else:
+        record["input_amax"] = float(modules[layer.name].input_quantizer.amax)
+        record["weights"] = "int8 symmetric, per output channel (max |w|)"
+        record["activations"] = "int8 symmetric, per tensor"
+    record["scales_source"] = f"{cfg.calib_method} calibration"
+    return record
 
 
 def _sha256(path: Path) -> str:

@@ -22,6 +22,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _amax(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, list):
+        return " / ".join(f"{v:.4g}" for v in value)
+    return f"{value:.4g}"
+
+
 def write_build_report(path: Path, record: dict) -> None:
     spec = record["preprocessing"]
     calib = record["inputs"]["calibration"]
@@ -49,10 +57,12 @@ def write_build_report(path: Path, record: dict) -> None:
     acc = record.get("accuracy")
     if acc:
         lines += ["", f"## Accuracy on `{record['inputs']['eval_data']}` ({acc['images']} images, ONNX Runtime)", "",
-                  table(["model", "top-1 %"], [["FP32", acc["fp32_top1"]], ["INT8", acc["int8_top1"]]]), "",
-                  f"INT8 predicts the same class as FP32 on {acc['agreement']:.2f} % of the images."]
+                  table(["model", "top-1 %"], [["FP32", acc["fp32_top1"]]] +
+                        ([["INT8", acc["int8_top1"]]] if "int8_top1" in acc else []))]
+        if "agreement" in acc:
+            lines += ["", f"INT8 predicts the same class as FP32 on {acc['agreement']:.2f} % of the images."]
     lines += ["", "## Layers", "",
               table(["layer", "role", "precision", "MACs/image", "input amax"],
-                    [[l["name"], l["role"], l["precision"], l["macs"], f"{l['input_amax']:.4g}"] for l in record["layers"]]),
+                    [[l["name"], l["role"], l["precision"], l["macs"], _amax(l.get("input_amax"))] for l in record["layers"]]),
               ""]
     Path(path).write_text("\n".join(lines))

@@ -43,49 +43,151 @@ def quantize_weight(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndar
     return np.clip(np.rint(weight / scale.reshape(shape)), -128, 127).astype(np.int8)
 
 
-def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant]) -> onnx.ModelProto:
-    """A new model with Q/DQ for every layer in ``layers``; raises ExportError if one is not found."""
-    model = _copy(model)
-    graph = model.graph
-    inits = {init.name: init for init in graph.initializer}
-    by_fingerprint = _fingerprints(graph)
-    new_nodes: Dict[int, List[onnx.NodeProto]] = {}  # index of consumer → nodes to insert before it
-    removed = set()
+@dataclasses.dataclass(frozen=True)
+class AttentionQuant:
+    """Scales for one attention block; None for a matmul the plan keeps in floating point."""
+
+    qk: Optional[Tuple[float, float]]       # (q scale, k scale)
+    av: Optional[Tuple[float, float]]       # (softmax-output scale, v scale)
+
+
+def attention_quant_from_module(module) -> AttentionQuant:
+    def scales(*quantizers):
+        if not all(q.enabled and q.amax is not None for q in quantizers):
+            return None
+        return tuple(float(q.scale) for q in quantizers)
+
+    return AttentionQuant(qk=scales(module.q_quantizer, module.k_quantizer),
+                          av=scales(module.softmax_quantizer, module.v_quantizer))
+
+
+def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
+               attentions: Optional[Dict[str, AttentionQuant]] = None) -> onnx.ModelProto:
+    """A new model with Q/DQ for every layer and attention matmul given; ExportError if one is not found."""
+    editor = _Editor(_copy(model))
     for name, lq in layers.items():
-        matches = _find_consumers(graph, by_fingerprint, lq.weight)
+        matches = _find_consumers(editor.graph, editor.fingerprints, lq.weight)
         if not matches:
             raise ExportError(f"layer {name}: its weights were not found in the exported graph")
         for index, node, weight_input, layout in matches:
-            axis = {"oi": 0, "io": 1}[layout]
-            w = numpy_helper.to_array(inits[node.input[weight_input]]).astype(np.float32)
-            base = name
-            q_name, s_name, z_name = f"{base}.weight_quantized", f"{base}.weight_scale", f"{base}.weight_zero_point"
-            if q_name not in inits:
-                q_init = numpy_helper.from_array(quantize_weight(w, lq.weight_scale, axis), q_name)
-                s_init = numpy_helper.from_array(lq.weight_scale.astype(np.float32), s_name)
-                z_init = numpy_helper.from_array(np.zeros_like(lq.weight_scale, dtype=np.int8), z_name)
-                graph.initializer.extend([q_init, s_init, z_init])
-                inits.update({q_name: q_init, s_name: s_init, z_name: z_init})
-            removed.add(node.input[weight_input])
-            dq_w = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [f"{base}.weight_dq"],
-                                    name=f"{base}/weight_quantizer/DequantizeLinear", axis=axis)
-            act = node.input[0]
-            a_s, a_z = f"{base}.input_scale", f"{base}.input_zero_point"
-            if a_s not in inits:
-                s_init = numpy_helper.from_array(np.array(lq.input_scale, dtype=np.float32), a_s)
-                z_init = numpy_helper.from_array(np.array(0, dtype=np.int8), a_z)
-                graph.initializer.extend([s_init, z_init])
-                inits.update({a_s: s_init, a_z: z_init})
-            q_act = helper.make_node("QuantizeLinear", [act, a_s, a_z], [f"{base}.input_q"],
-                                     name=f"{base}/input_quantizer/QuantizeLinear")
-            dq_act = helper.make_node("DequantizeLinear", [f"{base}.input_q", a_s, a_z], [f"{base}.input_dq"],
-                                      name=f"{base}/input_quantizer/DequantizeLinear")
-            node.input[0] = f"{base}.input_dq"
-            node.input[weight_input] = f"{base}.weight_dq"
-            new_nodes.setdefault(index, []).extend([q_act, dq_act, dq_w])
-    _rebuild_node_list(graph, new_nodes)
-    _drop_unused_initializers(graph, removed)
-    return model
+            editor.quantize_weight(index, node, weight_input, {"oi": 0, "io": 1}[layout], lq.weight_scale, name)
+            editor.quantize_input(index, node, 0, lq.input_scale, f"{name}.input")
+    attentions = {k: v for k, v in (attentions or {}).items() if v.qk or v.av}
+    if attentions:
+        patterns = find_attention_patterns(editor.graph)
+        if len(patterns) != len(attentions):
+            raise ExportError(f"found {len(patterns)} attention blocks (MatMul → Softmax → MatMul) in the graph "
+                              f"but the model has {len(attentions)} quantized attention modules")
+        for (mm1, mm2), (name, aq) in zip(patterns, attentions.items()):
+            nodes = editor.graph.node
+            if aq.qk:
+                editor.quantize_input(mm1, nodes[mm1], 0, aq.qk[0], f"{name}.q")
+                editor.quantize_input(mm1, nodes[mm1], 1, aq.qk[1], f"{name}.k")
+            if aq.av:
+                editor.quantize_input(mm2, nodes[mm2], 0, aq.av[0], f"{name}.softmax")
+                editor.quantize_input(mm2, nodes[mm2], 1, aq.av[1], f"{name}.v")
+    return editor.finish()
+
+
+def find_attention_patterns(graph: onnx.GraphProto) -> List[Tuple[int, int]]:
+    """(index of q·kᵀ MatMul, index of softmax·v MatMul) per attention block, in graph order.
+
+    Between the first MatMul and the Softmax only elementwise ops (scale Mul/Div, mask Add) may
+    stand; between the Softmax and the second MatMul only Cast/Dropout/Identity.
+    """
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output}
+    consumers: Dict[str, List[int]] = {}
+    for i, n in enumerate(graph.node):
+        for name in n.input:
+            consumers.setdefault(name, []).append(i)
+    init_names = {i.name for i in graph.initializer}
+    found = []
+    for i, node in enumerate(graph.node):
+        if node.op_type != "Softmax":
+            continue
+        mm1 = _walk_up(graph, producer, init_names, node.input[0])
+        mm2 = _walk_down(graph, consumers, node.output[0])
+        if mm1 is not None and mm2 is not None:
+            found.append((mm1, mm2))
+    return found
+
+
+def _walk_up(graph, producer, init_names, tensor: str) -> Optional[int]:
+    for _ in range(6):
+        idx = producer.get(tensor)
+        if idx is None:
+            return None
+        node = graph.node[idx]
+        if node.op_type == "MatMul":
+            return idx
+        if node.op_type not in ("Add", "Mul", "Div", "Where", "Cast"):
+            return None
+        dynamic = [t for t in node.input if t not in init_names and t in producer
+                   and graph.node[producer[t]].op_type != "Constant"]
+        if not dynamic:
+            return None
+        tensor = dynamic[-1] if node.op_type == "Where" else dynamic[0]
+    return None
+
+
+def _walk_down(graph, consumers, tensor: str) -> Optional[int]:
+    for _ in range(4):
+        users = consumers.get(tensor, [])
+        if len(users) != 1:
+            return None
+        node = graph.node[users[0]]
+        if node.op_type == "MatMul" and node.input[0] == tensor:
+            return users[0]
+        if node.op_type not in ("Cast", "Dropout", "Identity"):
+            return None
+        tensor = node.output[0]
+    return None
+
+
+class _Editor:
+    """Collects new initializers and nodes; nodes are inserted right before their consumer."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.graph = model, model.graph
+        self.inits = {init.name: init for init in self.graph.initializer}
+        self.fingerprints = _fingerprints(self.graph)
+        self.before: Dict[int, List[onnx.NodeProto]] = {}
+        self.replaced: set = set()
+
+    def _constant(self, name: str, array: np.ndarray) -> str:
+        if name not in self.inits:
+            init = numpy_helper.from_array(array, name)
+            self.graph.initializer.append(init)
+            self.inits[name] = init
+        return name
+
+    def quantize_weight(self, index: int, node, input_index: int, axis: int, scale: np.ndarray, base: str) -> None:
+        w = numpy_helper.to_array(self.inits[node.input[input_index]]).astype(np.float32)
+        q = self._constant(f"{base}.weight_quantized", quantize_weight(w, scale, axis))
+        s = self._constant(f"{base}.weight_scale", scale.astype(np.float32))
+        z = self._constant(f"{base}.weight_zero_point", np.zeros_like(scale, dtype=np.int8))
+        self.replaced.add(node.input[input_index])
+        out = f"{base}.weight_dq"
+        self.before.setdefault(index, []).append(helper.make_node(
+            "DequantizeLinear", [q, s, z], [out], name=f"{base}/weight_quantizer/DequantizeLinear", axis=axis))
+        node.input[input_index] = out
+
+    def quantize_input(self, index: int, node, input_index: int, scale: float, base: str) -> None:
+        """Per-tensor symmetric Q → DQ on one input of one node."""
+        s = self._constant(f"{base}_scale", np.array(scale, dtype=np.float32))
+        z = self._constant(f"{base}_zero_point", np.array(0, dtype=np.int8))
+        source = node.input[input_index]
+        self.before.setdefault(index, []).extend([
+            helper.make_node("QuantizeLinear", [source, s, z], [f"{base}_q"], name=f"{base}_quantizer/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [f"{base}_q", s, z], [f"{base}_dq"],
+                             name=f"{base}_quantizer/DequantizeLinear"),
+        ])
+        node.input[input_index] = f"{base}_dq"
+
+    def finish(self) -> onnx.ModelProto:
+        _rebuild_node_list(self.graph, self.before)
+        _drop_unused_initializers(self.graph, self.replaced)
+        return self.model
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,7 +1,8 @@
 """The fake-quantizer module: symmetric INT8 with explicit modes and its amax in a buffer.
 
-Modes (ModelOpt's TensorQuantizer has the same three): ``calibrating`` collects statistics and
-passes values through; ``enabled`` fake-quantizes with the loaded amax; otherwise identity.
+Modes (ModelOpt's TensorQuantizer has the same switches): ``calibrating`` collects statistics and
+passes values through; ``enabled`` with an amax fake-quantizes; ``enabled = False`` is identity (a
+layer the plan keeps in floating point).
 Rounding is half-to-even and the integer range is [-128, 127], exactly as ONNX QuantizeLinear does,
 so the PyTorch model and the exported QDQ graph compute the same numbers.
 """
@@ -37,7 +38,7 @@ class TensorQuantizer(nn.Module):
         self.axis = axis
         self.calib_method = calib_method
         self.calib_kwargs = dict(calib_kwargs)
-        self.enabled = False
+        self.enabled = True
         self.calibrating = False
         self.register_buffer("amax", None)
         self._calibrator = None
@@ -45,7 +46,7 @@ class TensorQuantizer(nn.Module):
     # -- modes ---------------------------------------------------------------------------------
     def enable_calib(self) -> None:
         self._calibrator = make_calibrator(self.calib_method, axis=self.axis, **self.calib_kwargs)
-        self.calibrating, self.enabled = True, False
+        self.calibrating = True
 
     def load_calib_amax(self) -> None:
         """Finish calibration: amax from the collected statistics, then quantize from now on."""
@@ -53,13 +54,12 @@ class TensorQuantizer(nn.Module):
             raise RuntimeError("load_calib_amax() called before enable_calib()")
         self.set_amax(self._calibrator.compute_amax())
         self._calibrator = None
-        self.calibrating, self.enabled = False, True
+        self.calibrating = False
 
     def set_amax(self, amax) -> None:
         amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
         # A dead channel (all zeros) gets a tiny amax: scales must stay > 0 for ONNX and TensorRT.
         self.amax = torch.clamp(amax, min=torch.finfo(torch.float32).tiny * 2 ** 24)
-        self.enabled = True
 
     # -- values --------------------------------------------------------------------------------
     @property

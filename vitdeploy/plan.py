@@ -1,0 +1,100 @@
+"""The precision plan: which layer runs in which precision, as a JSON file people can read and edit.
+
+    {
+      "format": "vitdeploy-plan/1",
+      "default": "int8",
+      "layers": {"patch_embed.proj": "fp16", "blocks.*.attn.matmul_*": "int8", "head": "fp16"}
+    }
+
+Layers are named by module path; the attention matmuls as ``<attention path>.matmul_qk`` and
+``.matmul_av``. Keys may be fnmatch patterns (ModelOpt's quantizer configuration works the same
+way): ``default`` applies first, then the entries in file order, later ones winning. A key that
+matches no layer is an error, so a typo cannot silently leave a layer in the wrong precision.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+from .artifacts import read_json, write_json
+from .errors import InputError
+
+FORMAT = "vitdeploy-plan/1"
+PRECISIONS = ("int8", "int8-asym", "fp16", "fp32")
+QUANTIZED = ("int8", "int8-asym")
+
+
+@dataclasses.dataclass
+class PrecisionPlan:
+    default: str = "int8"
+    layers: Dict[str, str] = dataclasses.field(default_factory=dict)   # name or pattern → precision
+    meta: Dict[str, object] = dataclasses.field(default_factory=dict)  # how the plan was chosen
+
+    def resolve(self, layer_names: Iterable[str]) -> Dict[str, str]:
+        """Precision of every layer; unknown names or patterns matching nothing raise InputError."""
+        names = list(layer_names)
+        _check_precision("default", self.default)
+        resolved = {name: self.default for name in names}
+        for key, precision in self.layers.items():
+            _check_precision(key, precision)
+            matched = [n for n in names if n == key or fnmatch.fnmatchcase(n, key)]
+            if not matched:
+                close = [n for n in names if key.split(".")[-1] in n][:3]
+                hint = f" (layers look like: {', '.join(close or names[:3])})" if names else ""
+                raise InputError(f"plan entry '{key}' matches no layer of this model{hint}")
+            for name in matched:
+                resolved[name] = precision
+        return resolved
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "default": self.default, "layers": dict(self.layers), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "plan") -> "PrecisionPlan":
+        if not isinstance(d, dict) or not isinstance(d.get("layers", {}), dict):
+            raise InputError(f"{where}: expected an object with a 'layers' object")
+        if d.get("format", FORMAT) != FORMAT:
+            raise InputError(f"{where}: unknown format '{d.get('format')}' (expected {FORMAT})")
+        return cls(default=d.get("default", "int8"), layers=dict(d.get("layers", {})), meta=dict(d.get("meta", {})))
+
+
+def _check_precision(key: str, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"plan entry '{key}': precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+
+
+def read_plan(path: Path) -> PrecisionPlan:
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"plan not found: {path}")
+    try:
+        return PrecisionPlan.from_dict(read_json(path), where=str(path))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def write_plan(path: Path, resolved: Dict[str, str], meta: Optional[dict] = None) -> None:
+    """Write the fully resolved plan (one entry per layer): the file a user edits and passes back."""
+    write_json(path, PrecisionPlan(default="fp32", layers=dict(resolved), meta=dict(meta or {})).to_dict())
+
+
+def role_defaults(layers: List, include_attention: bool = True) -> PrecisionPlan:
+    """The plan without measurements: patch-embed and head in FP16, every other layer INT8."""
+    layers_map = {}
+    for layer in layers:
+        if layer.role in ("patch_embed", "head"):
+            layers_map[layer.name] = "fp16"
+        elif layer.kind == "matmul" and not include_attention:
+            layers_map[layer.name] = "fp16"
+    return PrecisionPlan(default="int8", layers=layers_map, meta={"source": "role defaults"})
+
+
+def int8_mac_share(layers: List, resolved: Dict[str, str], kinds=("linear", "conv")) -> float:
+    """Share (%) of the MACs of the given layer kinds that run in INT8."""
+    total = sum(layer.macs for layer in layers if layer.kind in kinds)
+    int8 = sum(layer.macs for layer in layers if layer.kind in kinds and resolved.get(layer.name) in QUANTIZED)
+    return 100.0 * int8 / total if total else 0.0
