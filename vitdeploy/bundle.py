@@ -4,7 +4,8 @@ A TensorRT engine only runs on the GPU model and TensorRT version it was built w
 engine cannot be made here: the bundle carries everything needed to build it on the device --
 the target's ONNX, preprocessed calibration images (``calib.npy``), the calibrated ranges as a
 TensorRT calibration cache (``calib.cache``), the engine build script (``build_engine.py``), the
-equivalent ``trtexec`` command lines (``trtexec.txt``) and the instructions (``DEPLOY.md``).
+on-device benchmark (``benchmark.py``), the equivalent ``trtexec`` command lines (``trtexec.txt``)
+and the instructions (``DEPLOY.md``).
 
 The build flags for each target are derived from its `Target` record (INT8 or not, strongly
 typed or not, LayerNorm pinned to FP32 or not) in one place, `_precision_flags`, so that
@@ -29,6 +30,7 @@ from .errors import BuildError, InputError
 from .targets import Target, get_target
 
 __all__ = [
+    "BENCHMARK_SOURCE",
     "BUILD_ENGINE_SOURCE",
     "CALIB_CACHE_VERSIONS",
     "DESKTOP_CALIB_CACHE_VERSION",
@@ -41,6 +43,8 @@ __all__ = [
 
 #: The engine build script copied into every bundle (a module of this package, so it ships with it).
 BUILD_ENGINE_SOURCE = Path(__file__).parent / "trt" / "build_engine.py"
+#: The on-device benchmark copied next to it (standalone too: TensorRT + NumPy + cuda-python/PyCUDA).
+BENCHMARK_SOURCE = Path(__file__).parent / "trt" / "benchmark.py"
 
 #: Version number written into calib.cache's header, per target TensorRT release, in
 #: NV_TENSORRT_VERSION style: 8.2.1 → 8201 (JetPack 4.6), 8.5.2 → 8502 (JetPack 5.1),
@@ -307,6 +311,7 @@ def write_bundle(folder: Path, target: Target | str, onnx_model_path: Path,
         write_calib_cache(folder / "calib.cache", ranges, trt_version=calib_cache_version(target))
         written.append(folder / "calib.cache")
     written.append(_copy_build_engine(folder))
+    written.append(_copy_script(BENCHMARK_SOURCE, folder / "benchmark.py"))
     commands = _Commands(target, onnx_path.name, shape, facts, max_batch, opt_batch)
     written.append(_write_text(folder / "trtexec.txt", commands.trtexec_text()))
     written.append(_write_text(folder / "DEPLOY.md",
@@ -391,6 +396,8 @@ def _deploy_markdown(target: Target, record: Mapping, commands: _Commands, has_c
                   "(`--trt-calibrator entropy --calib calib.npy --calib-cache calib.cache`, "
                   "TensorRT 8-10) or to inspect the ranges."]
     lines += ["- `build_engine.py`: builds the engine with TensorRT's Python API.",
+              "- `benchmark.py`: times the engines in this folder (latency, throughput, memory; top-1 "
+              "with an `eval.npz`); `python3 benchmark.py --help`.",
               "- `trtexec.txt`: the same build as `trtexec` command lines."]
     return "\n".join(lines) + "\n"
 
@@ -440,8 +447,12 @@ def _write_text(path: Path, text: str) -> Path:
 
 def _copy_build_engine(folder: Path) -> Path:
     """Copy the package's trt/build_engine.py into the bundle."""
-    if not BUILD_ENGINE_SOURCE.is_file():
-        raise BuildError(f"{BUILD_ENGINE_SOURCE} is missing from the vitdeploy installation")
-    with open(BUILD_ENGINE_SOURCE, "rb") as source:
-        return _replace_from_temp(folder / "build_engine.py",
-                                  lambda f: shutil.copyfileobj(source, f))
+    return _copy_script(BUILD_ENGINE_SOURCE, folder / "build_engine.py")
+
+
+def _copy_script(source_path: Path, target: Path) -> Path:
+    """Copy one of the package's standalone trt/ scripts into the bundle."""
+    if not source_path.is_file():
+        raise BuildError(f"{source_path} is missing from the vitdeploy installation")
+    with open(source_path, "rb") as source:
+        return _replace_from_temp(target, lambda f: shutil.copyfileobj(source, f))

@@ -77,6 +77,46 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analyse import analyse, format_table, plan_from_scores, search_max_drop, write_png
+    from .artifacts import write_json
+    from .data import load_images
+    from .inventory import find_layers
+    from .load import load_model
+    from .outputs import atomic_folder
+    from .plan import int8_mac_share
+
+    model, spec = load_model(args.model, args.arch, args.model_kwargs, args.trust_pickle,
+                             args.input_size, args.mean, args.std)
+    calib = load_images(args.calib, spec, what="calibration data").sample(args.calib_size, args.seed)
+    data = load_images(args.data, spec, require_labels=True, what="labelled data") if args.data else None
+    if args.max_drop is not None and data is None:
+        raise InputError("--max-drop needs held-out labelled images: pass --data")
+    scored = (data.sample(args.images, args.seed) if data is not None else calib.sample(args.images, args.seed))
+    layers = find_layers(model, spec)
+    report = analyse(model, layers, scored, args.calib_method, name=spec.name)
+    if args.max_drop is not None:
+        plan, history = search_max_drop(model, layers, report, data, args.max_drop, calib, args.calib_method)
+    else:
+        plan = plan_from_scores(report, args.tau_low, args.tau_high)
+    resolved = plan.resolve(layer.name for layer in layers)
+    out = args.out or Path("engines") / f"{spec.name}-analysis"
+    with atomic_folder(out) as tmp:
+        write_json(tmp / "sensitivity.json", report.to_dict())
+        write_png(report, tmp / "sensitivity.png")
+        from .plan import write_plan
+
+        write_plan(tmp / "plan.json", resolved, {**plan.meta, "model": spec.name})
+    print(format_table(report, resolved))
+    print(f"INT8 share of Linear/Conv MACs: {int8_mac_share(layers, resolved):.1f} %  "
+          f"({plan.meta.get('source')}; "
+          + (f"top-1 {plan.meta['int8_top1']:.2f} % vs FP32 {plan.meta['fp32_top1']:.2f} % on {plan.meta['search_images']} "
+             "held-out images" if args.max_drop is not None else
+             f"tau_low {plan.meta['tau_low']:.4g}, tau_high {plan.meta['tau_high']:.4g}") + ")")
+    print(f"wrote {out}/sensitivity.json, sensitivity.png, plan.json (use it: vitdeploy build ... --plan {out}/plan.json)")
+    return 0
+
+
 def cmd_targets(args) -> int:
     from .targets import format_targets_table
 
@@ -180,6 +220,22 @@ def make_parser() -> argparse.ArgumentParser:
     add_preprocessing_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="per-layer INT8 sensitivity (S(W) and measured), table + JSON + PNG, "
+                                       "and a plan.json from thresholds or --max-drop")
+    add_model_args(p)
+    add_preprocessing_args(p)
+    add_calibration_args(p)
+    g = p.add_argument_group("analysis")
+    g.add_argument("--data", type=Path, help="labelled held-out images (labels for the loss; needed by --max-drop)")
+    g.add_argument("--images", type=int, default=256, help="images scored (default 256)")
+    g.add_argument("--tau-low", type=float, help="S(W) below → int8 (default: 75th percentile of the scores)")
+    g.add_argument("--tau-high", type=float, help="S(W) above → fp16 (default: Q3 + 1.5 IQR of the scores)")
+    g.add_argument("--max-drop", type=float, help="search the plan with the most INT8 MACs whose top-1 drop on --data "
+                                                  "stays within this many points")
+    g.add_argument("--out", type=Path, help="output folder (default engines/<name>-analysis)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("targets", help="list the deployment targets and what each implies")
     add_common_args(p)

@@ -145,3 +145,20 @@ def test_mnist_plain_pytorch_vit(tmp_path):
     assert acc["agreement"] >= 99.85
     roles = [layer["role"] for layer in record["layers"]]
     assert roles == ["patch_embed"] + ["qkv", "attn_out", "mlp_fc1", "mlp_fc2"] * 6 + ["head"]
+
+
+@pytest.mark.parametrize("damaged", ["blocks.2.mlp.fc2", "blocks.1.attn.qkv"])
+def test_cifar10_sensitivity_ranks_damaged_layer_first(damaged):
+    from vitdeploy.analyse import analyse
+    from vitdeploy.data import load_images
+    from vitdeploy.inventory import find_layers
+    from vitdeploy.load import infer_spec, prepare_for_quantization
+
+    module = import_model_file(shared_path("cifar10_vit", "model.py"), "cifar10_vit_model")
+    model = prepare_for_quantization(module.build())
+    spec = infer_spec(model, shared_path("cifar10_vit", "vit_cifar10_timm.pth"), None, None, [0.5], [0.5])
+    with torch.no_grad():
+        dict(model.named_modules())[damaged].weight.mul_(100.0)
+    images = load_images(shared_path("cifar10", "test_exact846.npz"), spec).subset(range(96))
+    report = analyse(model, find_layers(model, spec), images)
+    assert report.ranked("kl")[0].name == damaged

@@ -35,7 +35,7 @@ ONNX_FOR = {"jetson-tx2": "model.fp32.onnx", "jetson-xavier": "model.int8.onnx",
             "jetson-orin": "model.int8.onnx", "desktop": "model.int8.fp16.onnx"}
 TRT_TARGETS = list(ONNX_FOR)
 SHAPE = (3, 16, 16)
-BUNDLE_FILES = {"calib.npy", "calib.cache", "build_engine.py", "trtexec.txt", "DEPLOY.md"}
+BUNDLE_FILES = {"calib.npy", "calib.cache", "build_engine.py", "benchmark.py", "trtexec.txt", "DEPLOY.md"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +252,17 @@ def test_bundled_build_engine_help_runs_without_tensorrt(bundles):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--out" in result.stdout
+
+
+def test_bundled_benchmark_is_the_package_script_and_runs_without_tensorrt(bundles):
+    """DEPLOY.md says `python3 benchmark.py .`: the bundle carries the script, and it explains itself."""
+    folder = bundles["jetson-xavier"].folder
+    assert (folder / "benchmark.py").read_bytes() == bundle.BENCHMARK_SOURCE.read_bytes()
+    result = subprocess.run([sys.executable, "benchmark.py", "--help"], cwd=folder,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--batch" in result.stdout
+    assert "`benchmark.py`" in bundles["jetson-xavier"].deploy
 
 
 @needs_build_engine

@@ -1,0 +1,1352 @@
+#!/usr/bin/env python3
+"""Benchmark the TensorRT engines of a deploy bundle side by side, on the device that built them.
+
+    python3 benchmark.py [BUNDLE_DIR | ENGINE ...] [--batch 1,8] [--warmup 20] [--runs 200]
+        [--data eval.npz] [--json benchmark.json] [--no-tegrastats] [--tegrastats-interval 100]
+
+It runs the engines it finds -- ``model.fp32.engine``, ``model.fp16.engine``,
+``model.int8.engine``, and the bundle's ``model.engine`` / ``model.dla.engine`` -- and builds none
+(use build_engine.py for that, see jetson/README.md). For each engine and batch size: warm-up,
+then timed runs measured with CUDA events (host->device copy, execution, device->host copy),
+median / p90 / p99 latency and throughput; top-1 accuracy on the bundle's ``eval.npz`` (``x``
+preprocessed float32 N x C x H x W, ``y`` labels) or ``--data``; engine file size; device memory
+(the engine's own activation memory and the measured ``cudaMemGetInfo`` drop while it is loaded);
+and on a Jetson the RAM figure of ``tegrastats`` sampled while each engine runs (shared memory:
+there the GPU's allocations are system RAM).
+
+It prints a Markdown table on stdout and writes the same rows as JSON (``benchmark.json`` in the
+bundle unless ``--json`` says otherwise), in the shape ``vitdeploy bench`` uses::
+
+    {"device": ..., "trt_version": ..., "rows": [{"precision", "batch", "top1", "size_mb",
+      "latency_ms": {"median", "p90", "p99"}, "throughput_ips", "memory_mb",
+      "speedup_vs_fp32", "size_ratio_vs_fp32"}], ...}
+
+Like build_engine.py it is standalone: the standard library, NumPy, TensorRT (8.2 to 11.x, by
+feature checks) and cuda-python or PyCUDA -- no vitdeploy, no torch -- and Python 3.6 compatible
+(JetPack 4.6): no dataclasses, no walrus, no ``from __future__ import annotations``.
+
+Sizes and memory are in MB = 10^6 bytes (as in vitdeploy's reports); tegrastats' own figures are
+reported as it prints them.
+
+Exit codes: 0 measured; 2 a problem with the arguments or the machine (no engines, no
+TensorRT, no CUDA), explained in one line; 1 an engine failed to load or run (the others are
+still measured and reported).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+__all__ = [
+    "REPORT_SCHEMA",
+    "NO_TENSORRT_MESSAGE",
+    "ENGINE_FILES",
+    "UsageError",
+    "BenchmarkFailed",
+    "parse_batches",
+    "discover",
+    "parse_tegrastats",
+    "summarize_tegrastats",
+    "TegrastatsSampler",
+    "parse_l4t_release",
+    "jetpack_for_l4t",
+    "latency_stats",
+    "add_relative",
+    "make_report",
+    "format_table",
+    "format_tegrastats_table",
+    "markdown_table",
+    "missing_mark",
+    "prepare_eval_inputs",
+    "build_arg_parser",
+    "parse_args",
+    "main",
+]
+
+#: Identifies the layout of benchmark.json.
+REPORT_SCHEMA = "vitdeploy.bench/1"
+
+#: The one line printed (exit 2) when ``import tensorrt`` fails.
+NO_TENSORRT_MESSAGE = ("TensorRT not found (cannot import tensorrt): benchmark.py runs engines on the device that "
+                       "built them (Jetson or GPU machine with TensorRT); run jetson/setup.sh there")
+
+#: Engine files looked for in a bundle folder, in table order: ``(precision or None, file name)``.
+#: None means "read the precision from <engine>.json" (the bundle's own engine).
+ENGINE_FILES = (
+    ("fp32", "model.fp32.engine"),
+    ("fp16", "model.fp16.engine"),
+    ("int8", "model.int8.engine"),
+    (None, "model.engine"),
+    (None, "model.dla.engine"),
+)
+
+#: Labelled data looked for in a bundle folder.
+EVAL_FILES = ("eval.npz",)
+
+#: Default JSON output name, written into the bundle folder.
+DEFAULT_JSON = "benchmark.json"
+
+MB = 1e6
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with the arguments, files or machine, explained in one line (exit 2)."""
+
+
+class BenchmarkFailed(Exception):
+    """An engine could not be loaded or run (exit 1)."""
+
+
+def _warn(message):
+    sys.stderr.write("warning: " + message + "\n")
+
+
+def _note(message, quiet=False):
+    if not quiet:
+        sys.stderr.write(message + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and bundle discovery (pure: file names only, nothing is opened as an engine)
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_batches(text):
+    """``"1,8"`` -> ``[1, 8]`` (sorted, unique); UsageError for anything but positive integers."""
+    batches = []
+    for piece in str(text).split(","):
+        piece = piece.strip()
+        if not piece:
+            continue
+        if not piece.isdigit() or int(piece) < 1:
+            raise UsageError("--batch takes positive integers separated by commas, got {!r}".format(text))
+        batches.append(int(piece))
+    if not batches:
+        raise UsageError("--batch needs at least one batch size, got {!r}".format(text))
+    return sorted(set(batches))
+
+
+def _read_json(path):
+    """A JSON file as a dict, or None when it is missing, unreadable or not an object."""
+    try:
+        with open(path, "r") as f:
+            value = json.load(f)
+    except (OSError, IOError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _precision_from_meta(meta):
+    """``"int8"`` / ``"fp16"`` / ``"fp32"`` / ``"strongly-typed"`` from model.engine.json, or None."""
+    precision = (meta or {}).get("precision")
+    if isinstance(precision, dict) and isinstance(precision.get("built"), str):
+        return precision["built"]
+    return None
+
+
+def _dla_core_from_meta(meta):
+    precision = (meta or {}).get("precision")
+    if isinstance(precision, dict) and isinstance(precision.get("dla_core"), int):
+        return precision["dla_core"]
+    return None
+
+
+def _engine_entry(path, precision=None):
+    """One engine: file, size, metadata (``<engine>.json`` when readable) and its precision."""
+    meta = _read_json(path + ".json")
+    built = _precision_from_meta(meta)
+    dla = _dla_core_from_meta(meta)
+    if precision is None:
+        precision = built
+    return {
+        "path": path,
+        "file": os.path.basename(path),
+        "size_bytes": os.path.getsize(path),
+        "precision": precision,
+        "precision_built": built,
+        "dla_core": dla,
+        "meta": meta,
+    }
+
+
+def _label(entry):
+    base = entry["precision"] or entry["file"]
+    if entry["dla_core"] is not None:
+        base += " DLA{}".format(entry["dla_core"])
+    return base
+
+
+_CANONICAL = dict((precision, name) for precision, name in ENGINE_FILES if precision)
+
+
+def _assign_labels(entries):
+    """Unique row labels: the precision; when two engines share one, the engine named for it
+    (``model.int8.engine``) keeps it and the others become ``precision (file)``."""
+    labels = [_label(e) for e in entries]
+    for entry, label in zip(entries, labels):
+        canonical = _CANONICAL.get(label) == entry["file"]
+        entry["label"] = label if labels.count(label) == 1 or canonical else "{} ({})".format(label, entry["file"])
+    return entries
+
+
+_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+
+
+def discover(paths, data=None):
+    """Engines and labelled data to benchmark, from bundle folders and/or engine files.
+
+    Returns ``{"folder", "engines": [entry], "data": path or None}``; each entry has ``path``,
+    ``file``, ``size_bytes``, ``precision`` (from the name, else from ``<engine>.json``),
+    ``precision_built``, ``dla_core``, ``meta`` and a unique ``label``. A folder contributes the
+    `ENGINE_FILES` present in it, and its ``eval.npz`` unless ``data`` is given. Nothing is
+    loaded: the engines may be empty placeholder files here. UsageError when a path does not
+    exist or no engine is found.
+    """
+    paths = list(paths) or ["."]
+    engines, folder, found_data = [], None, None
+    for path in paths:
+        if os.path.isdir(path):
+            folder = folder or path
+            for precision, name in ENGINE_FILES:
+                candidate = os.path.join(path, name)
+                if os.path.isfile(candidate):
+                    engines.append(_engine_entry(candidate, precision))
+            for name in EVAL_FILES:
+                candidate = os.path.join(path, name)
+                if found_data is None and os.path.isfile(candidate):
+                    found_data = candidate
+        elif os.path.isfile(path):
+            precision = None
+            for known, name in ENGINE_FILES:
+                if known and os.path.basename(path) == name:
+                    precision = known
+            engines.append(_engine_entry(path, precision))
+            folder = folder or (os.path.dirname(os.path.abspath(path)))
+        else:
+            raise UsageError("not found: {}".format(path))
+    seen, unique = set(), []
+    for entry in engines:
+        key = os.path.realpath(entry["path"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry)
+    if not unique:
+        raise UsageError("no engines in {} (looked for {}): build them on this device with build_engine.py, see "
+                         "jetson/README.md".format(", ".join(paths), ", ".join(n for _, n in ENGINE_FILES)))
+    unique.sort(key=lambda e: _ORDER.get(e["precision"], len(_ORDER)))
+    if data is not None:
+        if not os.path.isfile(data):
+            raise UsageError("--data not found: {}".format(data))
+        found_data = data
+    return {"folder": folder, "engines": _assign_labels(unique), "data": found_data}
+
+
+# ---------------------------------------------------------------------------------------------
+# tegrastats (pure parsing + a small sampler)
+# ---------------------------------------------------------------------------------------------
+
+_TIMESTAMP_RE = re.compile(r"^\s*(\d{2}-\d{2}-\d{4} \d{2}:\d{2}:\d{2})\s+")
+_UNIT_MB = {"k": 1.0 / 1024, "K": 1.0 / 1024, "M": 1.0, "G": 1024.0}
+_RAM_RE = re.compile(r"\bRAM (\d+)/(\d+)([kKMG])B(?:\s*\(lfb (\d+)x(\d+)([kKMG])B\))?")
+_SWAP_RE = re.compile(r"\bSWAP (\d+)/(\d+)([kKMG])B(?:\s*\(cached (\d+)([kKMG])B\))?")
+_CPU_RE = re.compile(r"\bCPU \[([^\]]*)\](?:@(\d+))?")
+_CORE_RE = re.compile(r"^(\d+)%(?:@(\d+))?$")
+_EMC_RE = re.compile(r"\bEMC_FREQ (?:(\d+)%)?(?:@(\d+))?")
+_GR3D_RE = re.compile(r"\bGR3D_FREQ (?:(\d+)%)?(?:@\[?([\d,]+)\]?)?")
+# name@12.5C / tj@-256C; the name starts with a letter so CPU loads (2%@345) never match
+_TEMP_RE = re.compile(r"(?<![\w.@])([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b")
+# VDD_GPU_SOC 1540mW/1540mW (JetPack 5+), VDD_SYS_GPU 153/158 (JetPack 4), GPU 463/463 (Xavier JP4)
+_POWER_RE = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?![\w/])")
+# everything else shaped "NAME value": APE 150, VIC_FREQ 115, NVENC 79%@166, NVDEC off, ...
+_ENGINE_RE = re.compile(r"\b([A-Z][A-Z0-9_]*) (off|\d+%@\[?[\d,]+\]?|\d+%|@\[?[\d,]+\]?|\d+)(?=\s|$)")
+_MTS_RE = re.compile(r"\bMTS fg (\d+)% bg (\d+)%")
+_PARSED_NAMES = ("RAM", "SWAP", "IRAM", "CPU", "EMC_FREQ", "GR3D_FREQ", "MTS")
+#: Memory fields look like rails (``RAM 2203/7851MB``) but carry a unit the rail pattern refuses;
+#: "CPU" stays a possible rail: AGX Xavier on JetPack 4 prints ``CPU 618/618``.
+_NOT_RAILS = ("RAM", "SWAP", "IRAM")
+#: tegrastats prints -256C for a thermal zone without a reading (CV0@-256C on Orin).
+_NO_READING_C = -256.0
+
+
+def _mb(value, unit):
+    return float(value) * _UNIT_MB.get(unit, 1.0)
+
+
+def _int_list(text):
+    return [int(v) for v in text.split(",") if v.strip().isdigit()]
+
+
+def _parse_cpus(match):
+    """``[2%@345,off,...]`` (or the old ``[2%,3%]@345``) -> per-core ``{load_pct, freq_mhz}``."""
+    shared_freq = int(match.group(2)) if match.group(2) else None
+    cores = []
+    for item in match.group(1).split(","):
+        item = item.strip()
+        core = _CORE_RE.match(item)
+        if core:
+            freq = int(core.group(2)) if core.group(2) else shared_freq
+            cores.append({"load_pct": int(core.group(1)), "freq_mhz": freq, "online": True})
+        elif item:
+            cores.append({"load_pct": None, "freq_mhz": None, "online": False})  # "off"
+    return cores
+
+
+def parse_tegrastats(line):
+    """One line of ``tegrastats`` output as a dict; unknown fields never break it.
+
+    Handles the Jetson generations' formats: TX2 / JetPack 4 (``RAM ... CPU [2%@345,off,...]
+    EMC_FREQ 0% GR3D_FREQ 0% PLL@36C ... VDD_SYS_GPU 153/158``), Xavier (JetPack 4 rails without
+    units, ``GPU 463/463``; JetPack 5 ``GR3D_FREQ 0%@[1377]`` and ``mW`` rails) and Orin /
+    JetPack 6 (a timestamp first, ``GR3D_FREQ 0%@[305,305]``, ``tj@47.5C``,
+    ``VDD_GPU_SOC 3171mW/3171mW``). Keys (None / empty when the line has no such field):
+
+    * ``timestamp`` (``"11-23-2026 10:00:00"``), ``ram_used_mb``, ``ram_total_mb``,
+      ``ram_lfb`` (``{"blocks", "block_mb"}``), ``swap_used_mb``, ``swap_total_mb``,
+      ``swap_cached_mb``;
+    * ``cpu``: ``[{"load_pct", "freq_mhz", "online"}]`` (offline cores: None, None, False) and
+      ``cpu_loads``: the loads alone (None for offline cores);
+    * ``emc_load_pct``, ``emc_freq_mhz``; ``gpu_load_pct``, ``gpu_freq_mhz`` (a list: one value
+      per GPC on Orin);
+    * ``temperatures_c``: ``{zone: degrees}`` (None where tegrastats prints -256C, no reading);
+    * ``power_mw``: ``{rail: {"current", "average"}}`` (a rail name seen twice, such as Orin's
+      ``NC``, gets ``#2``);
+    * ``engines``: every other ``NAME value`` field as text (``APE``, ``VIC_FREQ``, ``NVENC``...);
+    * ``mts``: ``{"fg_pct", "bg_pct"}`` where printed.
+    """
+    line = line.strip()
+    out = {
+        "timestamp": None, "ram_used_mb": None, "ram_total_mb": None, "ram_lfb": None,
+        "swap_used_mb": None, "swap_total_mb": None, "swap_cached_mb": None,
+        "cpu": [], "cpu_loads": [], "emc_load_pct": None, "emc_freq_mhz": None,
+        "gpu_load_pct": None, "gpu_freq_mhz": [], "temperatures_c": {}, "power_mw": {},
+        "engines": {}, "mts": None,
+    }
+    match = _TIMESTAMP_RE.match(line)
+    if match:
+        out["timestamp"] = match.group(1)
+        line = line[match.end():]
+    match = _RAM_RE.search(line)
+    if match:
+        out["ram_used_mb"] = _mb(match.group(1), match.group(3))
+        out["ram_total_mb"] = _mb(match.group(2), match.group(3))
+        if match.group(4):
+            out["ram_lfb"] = {"blocks": int(match.group(4)), "block_mb": _mb(match.group(5), match.group(6))}
+    match = _SWAP_RE.search(line)
+    if match:
+        out["swap_used_mb"] = _mb(match.group(1), match.group(3))
+        out["swap_total_mb"] = _mb(match.group(2), match.group(3))
+        if match.group(4):
+            out["swap_cached_mb"] = _mb(match.group(4), match.group(5))
+    match = _CPU_RE.search(line)
+    if match:
+        out["cpu"] = _parse_cpus(match)
+        out["cpu_loads"] = [c["load_pct"] for c in out["cpu"]]
+    match = _EMC_RE.search(line)
+    if match:
+        out["emc_load_pct"] = int(match.group(1)) if match.group(1) else None
+        out["emc_freq_mhz"] = int(match.group(2)) if match.group(2) else None
+    match = _GR3D_RE.search(line)
+    if match:
+        out["gpu_load_pct"] = int(match.group(1)) if match.group(1) else None
+        out["gpu_freq_mhz"] = _int_list(match.group(2)) if match.group(2) else []
+    match = _MTS_RE.search(line)
+    if match:
+        out["mts"] = {"fg_pct": int(match.group(1)), "bg_pct": int(match.group(2))}
+    for name, value in _TEMP_RE.findall(line):
+        degrees = float(value)
+        out["temperatures_c"][name] = None if degrees <= _NO_READING_C else degrees
+    for name, current, average in _POWER_RE.findall(line):
+        if name in _NOT_RAILS:
+            continue
+        key, n = name, 2
+        while key in out["power_mw"]:
+            key = "{}#{}".format(name, n)
+            n += 1
+        out["power_mw"][key] = {"current": int(current), "average": int(average)}
+    for name, value in _ENGINE_RE.findall(line):
+        if name not in _PARSED_NAMES and name not in out["power_mw"]:
+            out["engines"].setdefault(name, value)
+    return out
+
+
+def _median(values):
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return None
+    mid = n // 2
+    return float(ordered[mid]) if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
+
+
+def summarize_tegrastats(samples):
+    """What a benchmark row needs from parsed tegrastats samples (pure).
+
+    ``{"samples", "ram_used_mb_start", "ram_used_mb_max", "ram_used_mb_median", "ram_delta_mb",
+    "ram_total_mb", "gpu_load_pct_median", "gpu_load_pct_max", "power_mw_mean": {rail: mean of
+    the current readings}, "temperature_c_max": {zone: max}}``; None when there is no sample with
+    a RAM figure.
+    """
+    samples = [s for s in samples if s and s.get("ram_used_mb") is not None]
+    if not samples:
+        return None
+    ram = [s["ram_used_mb"] for s in samples]
+    gpu = [s["gpu_load_pct"] for s in samples if s.get("gpu_load_pct") is not None]
+    power, temps = {}, {}
+    for sample in samples:
+        for rail, reading in (sample.get("power_mw") or {}).items():
+            power.setdefault(rail, []).append(reading["current"])
+        for zone, degrees in (sample.get("temperatures_c") or {}).items():
+            if degrees is not None:
+                temps[zone] = max(degrees, temps.get(zone, degrees))
+    return {
+        "samples": len(samples),
+        "ram_used_mb_start": ram[0],
+        "ram_used_mb_max": max(ram),
+        "ram_used_mb_median": _median(ram),
+        "ram_delta_mb": max(ram) - ram[0],
+        "ram_total_mb": samples[-1].get("ram_total_mb"),
+        "gpu_load_pct_median": _median(gpu),
+        "gpu_load_pct_max": max(gpu) if gpu else None,
+        "power_mw_mean": {rail: sum(v) / float(len(v)) for rail, v in power.items()},
+        "temperature_c_max": temps,
+    }
+
+
+class TegrastatsSampler(object):
+    """Runs ``tegrastats --interval MS`` in the background and keeps the parsed lines.
+
+    ``start()`` returns False (and the sampler stays empty) where there is no tegrastats, i.e.
+    anywhere but a Jetson. ``stop()`` ends the process and returns `summarize_tegrastats`.
+    tegrastats block-buffers its output into a pipe, so it is started under ``stdbuf -oL``
+    when available, and `stop` waits briefly for a first sample.
+    """
+
+    def __init__(self, interval_ms=100, executable=None):
+        self.interval_ms = int(interval_ms)
+        self.executable = executable or shutil.which("tegrastats")
+        self.samples = []
+        self._proc = None
+        self._thread = None
+        self._lock = threading.Lock()
+
+    @property
+    def available(self):
+        return bool(self.executable)
+
+    def start(self):
+        if not self.available:
+            return False
+        if not os.access(self.executable, os.X_OK):
+            _warn("cannot run {}: no RAM figures".format(self.executable))
+            return False
+        command = [self.executable, "--interval", str(self.interval_ms)]
+        stdbuf = shutil.which("stdbuf")
+        if stdbuf:
+            command = [stdbuf, "-oL"] + command
+        try:
+            self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                          universal_newlines=True, bufsize=1)
+        except OSError as exc:
+            _warn("cannot start tegrastats ({}): no RAM figures".format(exc))
+            self._proc = None
+            return False
+        self._thread = threading.Thread(target=self._read, name="tegrastats")
+        self._thread.daemon = True
+        self._thread.start()
+        return True
+
+    def _read(self):
+        for line in self._proc.stdout:
+            sample = parse_tegrastats(line)
+            if sample["ram_used_mb"] is not None:
+                with self._lock:
+                    self.samples.append(sample)
+
+    def stop(self, wait_for_sample_s=1.0):
+        if self._proc is None:
+            return None
+        deadline = time.time() + wait_for_sample_s
+        while not self.samples and time.time() < deadline and self._proc.poll() is None:
+            time.sleep(0.02)
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._proc = None
+        with self._lock:
+            return summarize_tegrastats(list(self.samples))
+
+
+# ---------------------------------------------------------------------------------------------
+# Jetson / L4T facts
+# ---------------------------------------------------------------------------------------------
+
+_L4T_RE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)")
+
+#: L4T release -> JetPack release (NVIDIA's Jetson archive); unknown revisions get "<major>.x".
+_JETPACK = {
+    "32.4.3": "4.4", "32.4.4": "4.4.1", "32.5.0": "4.5", "32.5.1": "4.5.1", "32.5.2": "4.5.1",
+    "32.6.1": "4.6", "32.7.1": "4.6.1", "32.7.2": "4.6.2", "32.7.3": "4.6.3", "32.7.4": "4.6.4",
+    "32.7.5": "4.6.5", "32.7.6": "4.6.6",
+    "34.1.0": "5.0 DP", "34.1.1": "5.0.1 DP", "35.1.0": "5.0.2", "35.2.1": "5.1", "35.3.1": "5.1.1",
+    "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.6.0": "5.1.4", "35.6.1": "5.1.5",
+    "36.2.0": "6.0 DP", "36.3.0": "6.0", "36.4.0": "6.1", "36.4.3": "6.2", "36.4.4": "6.2.1",
+}
+_JETPACK_MAJOR = {"32": "4", "34": "5", "35": "5", "36": "6", "38": "7"}
+
+
+def parse_l4t_release(text):
+    """``/etc/nv_tegra_release`` -> ``"32.7.1"`` (None when the text is not an L4T release line)."""
+    match = _L4T_RE.search(text or "")
+    if not match:
+        return None
+    revision = match.group(2).split(".")
+    while len(revision) < 2:
+        revision.append("0")
+    return "{}.{}".format(match.group(1), ".".join(revision[:2]))
+
+
+def jetpack_for_l4t(l4t):
+    """``"32.7.1"`` -> ``"4.6.1"``; ``"35.9.9"`` -> ``"5.x"``; None for an unknown major."""
+    if not l4t:
+        return None
+    if l4t in _JETPACK:
+        return _JETPACK[l4t]
+    major = _JETPACK_MAJOR.get(l4t.split(".")[0])
+    return major + ".x" if major else None
+
+
+def _read_text(path):
+    try:
+        with open(path, "r") as f:
+            return f.read()
+    except (OSError, IOError, UnicodeDecodeError):
+        return None
+
+
+def jetson_facts(root="/"):
+    """``{"model", "l4t", "jetpack", "power_mode"}`` on a Jetson, None elsewhere."""
+    release = _read_text(os.path.join(root, "etc", "nv_tegra_release"))
+    l4t = parse_l4t_release(release)
+    if l4t is None:
+        return None
+    model = _read_text(os.path.join(root, "proc", "device-tree", "model"))
+    facts = {"model": model.strip("\0\n ") if model else None, "l4t": l4t, "jetpack": jetpack_for_l4t(l4t),
+             "power_mode": None}
+    nvpmodel = shutil.which("nvpmodel")
+    if nvpmodel and root == "/":
+        try:
+            text = subprocess.check_output([nvpmodel, "-q"], stderr=subprocess.STDOUT, universal_newlines=True,
+                                           timeout=10)
+            match = re.search(r"NV Power Mode:\s*(\S+)", text)
+            facts["power_mode"] = match.group(1) if match else text.strip().splitlines()[0] if text.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return facts
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers and tables (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def _percentile(ordered, q):
+    """Linear-interpolation percentile of a sorted list (NumPy's default method)."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def latency_stats(times_ms, batch):
+    """``{"median", "p90", "p99"}`` of per-run latencies (ms) and the throughput in images/s."""
+    ordered = sorted(float(t) for t in times_ms)
+    if not ordered:
+        raise ValueError("no timings")
+    median = _percentile(ordered, 50)
+    latency = {"median": median, "p90": _percentile(ordered, 90), "p99": _percentile(ordered, 99)}
+    return latency, (batch * 1000.0 / median if median > 0 else None)
+
+
+def add_relative(rows):
+    """Fill ``speedup_vs_fp32`` (FP32 median / this median, same batch) and
+    ``size_ratio_vs_fp32`` (FP32 size / this size); None where there is no FP32 row. Returns rows."""
+    fp32 = {}
+    for row in rows:
+        if row.get("precision") == "fp32" and row.get("batch") not in fp32:
+            fp32[row["batch"]] = row
+    for row in rows:
+        base = fp32.get(row.get("batch"))
+        median = (row.get("latency_ms") or {}).get("median")
+        base_median = (base or {}).get("latency_ms", {}).get("median") if base else None
+        row["speedup_vs_fp32"] = base_median / median if base_median and median else None
+        size, base_size = row.get("size_mb"), (base or {}).get("size_mb")
+        row["size_ratio_vs_fp32"] = base_size / size if base_size and size else None
+    return rows
+
+
+def make_row(precision, batch, size_mb, latency, throughput, top1=None, memory_mb=None):
+    """One measured row in the JSON shape (relative columns filled by `add_relative`)."""
+    return {"precision": precision, "batch": int(batch), "top1": top1, "size_mb": size_mb,
+            "latency_ms": dict(latency), "throughput_ips": throughput, "memory_mb": memory_mb,
+            "speedup_vs_fp32": None, "size_ratio_vs_fp32": None}
+
+
+def make_report(device, trt_version, rows, **extra):
+    """The benchmark.json record: ``device``, ``trt_version``, ``rows`` (relative columns
+    recomputed) and any ``extra`` keys (``jetson``, ``engines``, ``data``, ``settings``)."""
+    report = {"schema": REPORT_SCHEMA, "device": device, "trt_version": trt_version,
+              "rows": add_relative([dict(r, latency_ms=dict(r.get("latency_ms") or {})) for r in rows])}
+    report.update(extra)
+    return report
+
+
+def missing_mark():
+    """What a table shows for "no value": an em dash like vitdeploy's reports, or "-" where stdout
+    cannot encode it (Python 3.6 under the C locale, e.g. a JetPack 4.6 service or container)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "\u2014".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "-"
+    return "\u2014"
+
+
+def _fmt(value, digits=2, suffix=""):
+    if value is None:
+        return missing_mark()
+    if isinstance(value, float):
+        return "{:.{}f}{}".format(value, digits, suffix)
+    return "{}{}".format(value, suffix)
+
+
+def markdown_table(headers, rows):
+    """A GitHub-flavoured Markdown table, first column left-aligned, the others right-aligned
+    (the layout of vitdeploy.report.table)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths))) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+TABLE_HEADERS = ("precision", "batch", "top-1 %", "size (MB)", "latency median (ms)", "p90 (ms)", "p99 (ms)",
+                 "throughput (img/s)", "memory (MB)", "speed-up", "size ratio")
+
+
+def format_table(report):
+    """The Markdown table of a report's rows (one per engine and batch size)."""
+    body = []
+    for row in report.get("rows", []):
+        latency = row.get("latency_ms") or {}
+        body.append([
+            str(row.get("precision")).upper() if row.get("precision") in ("fp32", "fp16", "int8")
+            else str(row.get("precision")),
+            row.get("batch"), _fmt(row.get("top1")), _fmt(row.get("size_mb")),
+            _fmt(latency.get("median"), 3), _fmt(latency.get("p90"), 3), _fmt(latency.get("p99"), 3),
+            _fmt(row.get("throughput_ips"), 1), _fmt(row.get("memory_mb"), 1),
+            _fmt(row.get("speedup_vs_fp32"), 2, "x"), _fmt(row.get("size_ratio_vs_fp32"), 2, "x"),
+        ])
+    return markdown_table(TABLE_HEADERS, body)
+
+
+def _main_rail(power):
+    """The board-input rail of a tegrastats power dict (VDD_IN, VIN_SYS_5V0, POM_5V_IN, SYS5V)."""
+    for name in ("VDD_IN", "VIN_SYS_5V0", "POM_5V_IN", "SYS5V"):
+        if name in power:
+            return name
+    return None
+
+
+def format_tegrastats_table(report):
+    """Per-engine tegrastats figures as a Markdown table, or "" when none were sampled."""
+    body = []
+    for engine in report.get("engines", []):
+        stats = engine.get("tegrastats")
+        if not stats:
+            continue
+        rail = _main_rail(stats.get("power_mw_mean") or {})
+        body.append([engine.get("label"), stats.get("samples"), _fmt(stats.get("ram_used_mb_max"), 0),
+                     _fmt(stats.get("ram_delta_mb"), 0), _fmt(stats.get("gpu_load_pct_median"), 0),
+                     "{} {}".format(_fmt(stats["power_mw_mean"][rail], 0), rail) if rail else missing_mark()])
+    if not body:
+        return ""
+    return markdown_table(("engine", "samples", "RAM peak (MB)", "RAM rise (MB)", "GPU load median %",
+                           "mean power (mW)"), body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled data
+# ---------------------------------------------------------------------------------------------
+
+
+def load_eval_data(path):
+    """``x`` and ``y`` (None when absent) of an .npz, without pickles."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise UsageError("{} has no 'x' array (found {})".format(path, archive.files))
+            x = archive["x"]
+            y = archive["y"] if "y" in archive.files else None
+    except (OSError, IOError, ValueError) as exc:
+        raise UsageError("cannot read {}: {}".format(path, exc))
+    if y is not None and (y.ndim != 1 or len(y) != len(x)):
+        raise UsageError("{}: 'y' must hold one label per image ({} images, y shape {})".format(
+            path, len(x), list(y.shape)))
+    return x, y
+
+
+def prepare_eval_inputs(x, sample_shape, preprocessing=None):
+    """Images for the engine: float N x C x H x W as given, or uint8 N x H x W x C normalized
+    with the metadata's ``mean``/``std`` (``(x/255 - mean)/std``, as vitdeploy does). No resizing:
+    UsageError when the size does not match the engine's input ``sample_shape`` (C, H, W)."""
+    import numpy as np
+
+    x = np.asarray(x)
+    want = tuple(int(d) for d in sample_shape)
+    if x.ndim == 4 and x.dtype == np.uint8:
+        if tuple(x.shape[3:] + x.shape[1:3]) != want:
+            raise UsageError("eval images are {} (N x H x W x C); the engine takes C x H x W {}: resize them on the "
+                             "host first".format(list(x.shape), list(want)))
+        if not preprocessing or "mean" not in preprocessing or "std" not in preprocessing:
+            raise UsageError("eval images are uint8 pixels and the engine metadata has no preprocessing (mean/std): "
+                             "save preprocessed float32 N x C x H x W as 'x' instead")
+        mean = np.asarray(preprocessing["mean"], np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(preprocessing["std"], np.float32).reshape(1, -1, 1, 1)
+        return ((x.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)) - mean) / std
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or tuple(x.shape[1:]) != want:
+        raise UsageError("eval images must be float32 N x C x H x W {} (or uint8 N x H x W x C), got {} {}".format(
+            list(want), x.dtype, list(x.shape)))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: cuda-python (preferred) or PyCUDA, behind one small interface
+# ---------------------------------------------------------------------------------------------
+
+
+class _CudaPython(object):
+    """Device memory, streams, events and memory info through cuda-python's runtime API."""
+
+    name = "cuda-python"
+
+    def __init__(self, cudart, device=0):
+        self.cudart = cudart
+        self._check(cudart.cudaSetDevice(device))
+        self.device = device
+
+    def _check(self, result):
+        err, values = result[0], result[1:]
+        if err != self.cudart.cudaError_t.cudaSuccess:
+            text = self.cudart.cudaGetErrorString(err)[1]
+            text = text.decode() if isinstance(text, bytes) else str(text)
+            raise RuntimeError("CUDA error {}: {}".format(int(err), text))
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else values
+
+    def malloc(self, nbytes):
+        return int(self._check(self.cudart.cudaMalloc(max(int(nbytes), 1))))
+
+    def free(self, ptr):
+        self._check(self.cudart.cudaFree(ptr))
+
+    def host_empty(self, shape, dtype):
+        import numpy as np
+        return np.empty(shape, dtype)
+
+    def htod(self, ptr, host, stream):
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._check(self.cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, stream))
+
+    def dtoh(self, host, ptr, stream):
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._check(self.cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, stream))
+
+    def stream_create(self):
+        return self._check(self.cudart.cudaStreamCreate())
+
+    @staticmethod
+    def stream_handle(stream):
+        return int(stream)
+
+    def stream_synchronize(self, stream):
+        self._check(self.cudart.cudaStreamSynchronize(stream))
+
+    def stream_destroy(self, stream):
+        self._check(self.cudart.cudaStreamDestroy(stream))
+
+    def event_create(self):
+        return self._check(self.cudart.cudaEventCreate())
+
+    def event_record(self, event, stream):
+        self._check(self.cudart.cudaEventRecord(event, stream))
+
+    def event_elapsed_ms(self, start, end):
+        self._check(self.cudart.cudaEventSynchronize(end))
+        return float(self._check(self.cudart.cudaEventElapsedTime(start, end)))
+
+    def event_destroy(self, event):
+        self._check(self.cudart.cudaEventDestroy(event))
+
+    def mem_get_info(self):
+        """``(free, total)`` bytes of device memory (system RAM on a Jetson)."""
+        free, total = self._check(self.cudart.cudaMemGetInfo())
+        return int(free), int(total)
+
+    def device_properties(self):
+        props = self._check(self.cudart.cudaGetDeviceProperties(self.device))
+        name = props.name
+        name = name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(name, bytes) else str(name)
+        return name.strip(), (int(props.major), int(props.minor))
+
+    def close(self):
+        pass
+
+
+class _PyCuda(object):
+    """The same interface over PyCUDA (JetPack 4.6's Python 3.6 has no cuda-python)."""
+
+    name = "pycuda"
+
+    def __init__(self, driver, device=0):
+        self.driver = driver
+        driver.init()
+        self._device = driver.Device(device)
+        self._context = self._device.retain_primary_context()
+        self._context.push()
+        self._allocations = {}
+
+    def malloc(self, nbytes):
+        allocation = self.driver.mem_alloc(max(int(nbytes), 1))
+        self._allocations[int(allocation)] = allocation
+        return int(allocation)
+
+    def free(self, ptr):
+        allocation = self._allocations.pop(int(ptr), None)
+        if allocation is not None:
+            allocation.free()
+
+    def host_empty(self, shape, dtype):
+        return self.driver.pagelocked_empty(shape, dtype)
+
+    def htod(self, ptr, host, stream):
+        self.driver.memcpy_htod_async(ptr, host, stream)
+
+    def dtoh(self, host, ptr, stream):
+        self.driver.memcpy_dtoh_async(host, ptr, stream)
+
+    def stream_create(self):
+        return self.driver.Stream()
+
+    @staticmethod
+    def stream_handle(stream):
+        return int(stream.handle)
+
+    def stream_synchronize(self, stream):
+        stream.synchronize()
+
+    def stream_destroy(self, stream):
+        pass
+
+    def event_create(self):
+        return self.driver.Event()
+
+    def event_record(self, event, stream):
+        event.record(stream)
+
+    def event_elapsed_ms(self, start, end):
+        end.synchronize()
+        return float(start.time_till(end))
+
+    def event_destroy(self, event):
+        pass
+
+    def mem_get_info(self):
+        free, total = self.driver.mem_get_info()
+        return int(free), int(total)
+
+    def device_properties(self):
+        return self._device.name().strip(), tuple(int(v) for v in self._device.compute_capability())
+
+    def close(self):
+        for allocation in list(self._allocations.values()):
+            allocation.free()
+        self._allocations.clear()
+        self._context.pop()
+
+
+def load_cuda(device=0):
+    """cuda-python (``cuda.bindings.runtime`` or ``cuda.cudart``), else PyCUDA; UsageError if neither."""
+    cudart = None
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            cudart = None
+    try:
+        if cudart is not None:
+            return _CudaPython(cudart, device)
+        try:
+            import pycuda.driver as driver
+        except ImportError:
+            raise UsageError("neither cuda-python nor PyCUDA is installed: run jetson/setup.sh (pip install "
+                             "cuda-python, or PyCUDA on JetPack 4.6)")
+        return _PyCuda(driver, device)
+    except RuntimeError as exc:
+        raise UsageError("CUDA is not usable here: {}".format(exc))
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT
+# ---------------------------------------------------------------------------------------------
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, imported only when needed so ``--help`` works without it."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):
+        raise UsageError(NO_TENSORRT_MESSAGE)
+    return tensorrt
+
+
+def engine_device_memory(engine):
+    """Bytes of activation memory the engine needs (TensorRT 10's ``device_memory_size_v2``,
+    else ``device_memory_size``), or None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # device_memory_size is deprecated from 10.1
+        for name in ("device_memory_size_v2", "get_device_memory_size_v2", "device_memory_size"):
+            try:
+                value = getattr(engine, name, None)
+                if callable(value):
+                    value = value()
+            except Exception:  # a property TensorRT refuses to compute is "unknown"
+                value = None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def _np_dtype(trt, dtype):
+    import numpy as np
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except (TypeError, KeyError, AttributeError):
+        raise BenchmarkFailed("tensor type {} has no NumPy equivalent: build the engine with float32/float16 "
+                              "I/O".format(dtype))
+
+
+class EngineSession(object):
+    """One deserialized engine with its context, buffers, stream and events.
+
+    Uses TensorRT's name-based tensor API (8.5+, the only one from 10) or the bindings API of
+    8.2-8.4 (JetPack 4.6), whichever the engine has.
+    """
+
+    def __init__(self, trt, cuda, path, logger, dla_core=None):
+        self.trt, self.cuda, self.path = trt, cuda, path
+        self.runtime = trt.Runtime(logger)
+        if dla_core is not None:
+            self.runtime.DLA_core = dla_core
+        with open(path, "rb") as f:
+            blob = f.read()
+        self.engine = self.runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise BenchmarkFailed("TensorRT {} cannot load {}: an engine only loads in the TensorRT version and on the "
+                                  "GPU that built it; rebuild it here with build_engine.py".format(
+                                      trt.__version__, path))
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BenchmarkFailed("{}: TensorRT could not create an execution context (out of memory?)".format(path))
+        self.tensor_api = hasattr(self.engine, "num_io_tensors") and hasattr(self.context, "execute_async_v3")
+        self.io = self._io()
+        self.stream = cuda.stream_create()
+        self.events = [cuda.event_create() for _ in range(2)]
+        self.buffers = {}  # name -> (ptr, nbytes)
+        self.hosts = {}  # name -> host array
+
+    def _io(self):
+        trt, engine, tensors = self.trt, self.engine, []
+        if self.tensor_api:
+            for i in range(engine.num_io_tensors):
+                name = engine.get_tensor_name(i)
+                tensors.append({"name": name, "index": i,
+                                "is_input": engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
+                                "shape": tuple(int(d) for d in engine.get_tensor_shape(name)),
+                                "dtype": _np_dtype(trt, engine.get_tensor_dtype(name))})
+        else:
+            for i in range(engine.num_bindings):
+                tensors.append({"name": engine.get_binding_name(i), "index": i,
+                                "is_input": bool(engine.binding_is_input(i)),
+                                "shape": tuple(int(d) for d in engine.get_binding_shape(i)),
+                                "dtype": _np_dtype(trt, engine.get_binding_dtype(i))})
+        for tensor in tensors:
+            tensor["range"] = self._batch_range(tensor) if tensor["is_input"] else None
+        return tensors
+
+    def _batch_range(self, tensor):
+        """(min batch, max batch) the input accepts (its profile 0, or its static batch)."""
+        shape = tensor["shape"]
+        if shape and shape[0] >= 0:
+            return shape[0], shape[0]
+        if self.tensor_api and hasattr(self.engine, "get_tensor_profile_shape"):
+            low, _opt, high = self.engine.get_tensor_profile_shape(tensor["name"], 0)
+        else:
+            low, _opt, high = self.engine.get_profile_shape(0, tensor["index"])
+        return int(low[0]), int(high[0])
+
+    @property
+    def inputs(self):
+        return [t for t in self.io if t["is_input"]]
+
+    @property
+    def outputs(self):
+        return [t for t in self.io if not t["is_input"]]
+
+    def batch_range(self):
+        """(min, max) batch accepted by every input."""
+        lows, highs = zip(*[t["range"] for t in self.inputs])
+        return max(lows), min(highs)
+
+    def set_batch(self, batch, fill=True):
+        """Set every input's batch and (re)allocate host/device buffers; with ``fill`` the inputs get
+        fixed random data (timing runs). Returns the input arrays."""
+        import numpy as np
+
+        for tensor in self.inputs:
+            shape = (batch,) + tensor["shape"][1:]
+            if any(d < 0 for d in shape):
+                raise BenchmarkFailed("{}: input '{}' has dynamic dimensions besides the batch {}".format(
+                    self.path, tensor["name"], list(tensor["shape"])))
+            if self.tensor_api:
+                ok = self.context.set_input_shape(tensor["name"], shape)
+            else:
+                ok = self.context.set_binding_shape(tensor["index"], shape)
+            if ok is False:
+                raise BenchmarkFailed("{}: TensorRT rejected batch {} for input '{}'".format(
+                    self.path, batch, tensor["name"]))
+            self._ensure(tensor, shape)
+            if fill:
+                host = self.hosts[tensor["name"]]
+                host[...] = np.random.RandomState(0).standard_normal(shape).astype(tensor["dtype"])
+        for tensor in self.outputs:
+            if self.tensor_api:
+                shape = tuple(int(d) for d in self.context.get_tensor_shape(tensor["name"]))
+            else:
+                shape = tuple(int(d) for d in self.context.get_binding_shape(tensor["index"]))
+            if any(d < 0 for d in shape):
+                raise BenchmarkFailed("{}: TensorRT could not infer output '{}' shape {}".format(
+                    self.path, tensor["name"], list(shape)))
+            self._ensure(tensor, shape)
+        return {t["name"]: self.hosts[t["name"]] for t in self.inputs}
+
+    def _ensure(self, tensor, shape):
+        import numpy as np
+
+        nbytes = int(np.prod(shape)) * tensor["dtype"].itemsize
+        ptr, size = self.buffers.get(tensor["name"], (None, 0))
+        if ptr is None or size < nbytes:
+            if ptr is not None:
+                self.cuda.free(ptr)
+            ptr = self.cuda.malloc(max(nbytes, 1))
+            self.buffers[tensor["name"]] = (ptr, max(nbytes, 1))
+        host = self.hosts.get(tensor["name"])
+        if host is None or tuple(host.shape) != tuple(shape):
+            self.hosts[tensor["name"]] = self.cuda.host_empty(shape, tensor["dtype"])
+
+    def run(self):
+        """Copy in, execute, copy out on the stream; returns the device time in ms (CUDA events)."""
+        cuda, stream = self.cuda, self.stream
+        start, end = self.events
+        cuda.event_record(start, stream)
+        for tensor in self.inputs:
+            cuda.htod(self.buffers[tensor["name"]][0], self.hosts[tensor["name"]], stream)
+        handle = cuda.stream_handle(stream)
+        if self.tensor_api:
+            for tensor in self.io:
+                self.context.set_tensor_address(tensor["name"], self.buffers[tensor["name"]][0])
+            ok = self.context.execute_async_v3(handle)
+        else:
+            bindings = [0] * self.engine.num_bindings
+            for tensor in self.io:
+                bindings[tensor["index"]] = self.buffers[tensor["name"]][0]
+            ok = self.context.execute_async_v2(bindings, handle)
+        if not ok:
+            cuda.stream_synchronize(stream)
+            raise BenchmarkFailed("TensorRT failed to execute {} (see its log)".format(self.path))
+        for tensor in self.outputs:
+            cuda.dtoh(self.hosts[tensor["name"]], self.buffers[tensor["name"]][0], stream)
+        cuda.event_record(end, stream)
+        cuda.stream_synchronize(stream)
+        return cuda.event_elapsed_ms(start, end)
+
+    def close(self):
+        for ptr, _size in self.buffers.values():
+            _quietly(self.cuda.free, ptr)
+        for event in self.events:
+            _quietly(self.cuda.event_destroy, event)
+        _quietly(self.cuda.stream_destroy, self.stream)
+        self.buffers, self.hosts, self.events = {}, {}, []
+        self.context = None
+        self.engine = None
+        self.runtime = None
+
+
+def _quietly(fn, *args):
+    try:
+        fn(*args)
+    except RuntimeError:
+        pass
+
+
+def _timed_runs(session, warmup, runs):
+    for _ in range(warmup):
+        session.run()
+    return [session.run() for _ in range(runs)]
+
+
+def evaluate_top1(session, x, y, batch):
+    """Top-1 % of the engine on preprocessed ``x`` with labels ``y``, in batches of ``batch``
+    (the last one padded when the engine's batch is static)."""
+    import numpy as np
+
+    low, high = session.batch_range()
+    batch = max(low, min(batch, high))
+    (tensor,) = session.inputs
+    output = session.outputs[0]
+    correct = 0
+    for begin in range(0, len(x), batch):
+        chunk = x[begin:begin + batch]
+        size = len(chunk)
+        run_batch = size if size >= low else low
+        if run_batch != size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], run_batch - size, axis=0)])
+        session.set_batch(run_batch, fill=False)
+        session.hosts[tensor["name"]][...] = chunk.astype(tensor["dtype"])
+        session.run()
+        logits = np.asarray(session.hosts[output["name"]]).reshape(run_batch, -1)[:size]
+        correct += int((logits.argmax(axis=1) == np.asarray(y[begin:begin + size])).sum())
+    return 100.0 * correct / len(x)
+
+
+def bench_engine(trt, cuda, logger, entry, batches, warmup, runs, data=None, sampler=None, quiet=False):
+    """Measure one engine; returns ``(rows, details)``. See the module docstring for what."""
+    free_before = cuda.mem_get_info()[0]
+    sampling = sampler.start() if sampler is not None else False
+    session = None
+    try:
+        session = EngineSession(trt, cuda, entry["path"], logger, entry.get("dla_core"))
+        low, high = session.batch_range()
+        fits = [b for b in batches if low <= b <= high]
+        skipped = [b for b in batches if b not in fits]
+        if skipped:
+            why = ("the engine has a static batch of {}".format(low) if low == high else
+                   "outside the engine's profile {}-{}; rebuild with --min-batch/--max-batch".format(low, high))
+            _warn("{}: batch {} skipped: {}".format(entry["file"], ",".join(str(b) for b in skipped), why))
+        if fits:
+            session.set_batch(max(fits))  # allocate for the largest batch before measuring memory
+        free_loaded = cuda.mem_get_info()[0]
+        timings, compute_free = {}, [free_loaded]
+        for batch in fits:
+            session.set_batch(batch)
+            times = _timed_runs(session, warmup, runs)
+            timings[batch] = times
+            compute_free.append(cuda.mem_get_info()[0])
+            _note("  {} batch {}: median {:.3f} ms".format(entry["label"], batch, sorted(times)[len(times) // 2]),
+                  quiet)
+        top1 = None
+        if data is not None and data[1] is not None:
+            x = prepare_eval_inputs(data[0], session.inputs[0]["shape"][1:], (entry.get("meta") or {}).get(
+                "preprocessing"))
+            top1 = evaluate_top1(session, x, data[1], max(fits) if fits else high)
+        device_memory = engine_device_memory(session.engine)
+    finally:
+        if session is not None:
+            session.close()
+        stats = sampler.stop() if sampling else None
+    memory_delta = max(0, free_before - min(compute_free)) / MB
+    size_mb = entry["size_bytes"] / MB
+    rows = []
+    for batch in fits:
+        latency, throughput = latency_stats(timings[batch], batch)
+        rows.append(make_row(entry["label"], batch, size_mb, latency, throughput, top1, memory_delta))
+    details = {
+        "label": entry["label"], "file": entry["file"], "precision_built": entry.get("precision_built"),
+        "size_bytes": entry["size_bytes"], "device_memory_mb": device_memory / MB if device_memory else None,
+        "memory_delta_mb": memory_delta, "top1": top1, "skipped_batches": skipped, "tegrastats": stats,
+        "engine_trt_version": (entry.get("meta") or {}).get("tensorrt_version"),
+    }
+    return rows, details
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def build_arg_parser():
+    """The CLI (no TensorRT, NumPy or CUDA needed to build it, so ``--help`` always works)."""
+    p = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description="Benchmark the TensorRT engines of a deploy bundle side by side (model.fp32/fp16/int8.engine "
+                    "and model.engine): latency, throughput, top-1, size and memory, as a Markdown table and "
+                    "JSON. Builds nothing: build the engines with build_engine.py first.")
+    p.add_argument("paths", nargs="*", default=["."], metavar="BUNDLE_OR_ENGINE",
+                   help="bundle folder(s) and/or .engine files (default: the current folder)")
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma separated (default 1,8)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed runs per engine and batch (default 20)")
+    p.add_argument("--runs", type=int, default=200, help="timed runs per engine and batch (default 200)")
+    p.add_argument("--data", help="labelled .npz (x: float32 N x C x H x W preprocessed, y: labels) for top-1; "
+                                  "default: the bundle's eval.npz when present")
+    p.add_argument("--limit", type=int, help="evaluate top-1 on the first N images only")
+    p.add_argument("--json", dest="json_out", metavar="FILE",
+                   help="where to write the JSON report (default: benchmark.json in the bundle; '-' for stdout "
+                        "instead of the table)")
+    p.add_argument("--no-tegrastats", action="store_true", help="do not sample tegrastats (Jetson RAM, power)")
+    p.add_argument("--tegrastats-interval", type=int, default=100, metavar="MS",
+                   help="tegrastats sampling interval in ms (default 100)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_arg_parser().parse_args(argv)
+    if args.warmup < 0 or args.runs < 1:
+        raise UsageError("--warmup must be >= 0 and --runs >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    if args.tegrastats_interval < 1:
+        raise UsageError("--tegrastats-interval must be >= 1 ms")
+    return args
+
+
+def _write_atomic(path, text):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run(args):
+    """Discover, measure, report; returns the report dict (raises UsageError / BenchmarkFailed)."""
+    batches = parse_batches(args.batch)
+    found = discover(args.paths, args.data)
+    trt = import_tensorrt()
+    try:
+        import numpy  # noqa: F401  (fail early, with one line)
+    except ImportError:
+        raise UsageError("NumPy is not installed: run jetson/setup.sh (pip install numpy)")
+    data = None
+    if found["data"]:
+        data = load_eval_data(found["data"])
+        if args.limit:
+            data = (data[0][:args.limit], None if data[1] is None else data[1][:args.limit])
+        if data[1] is None:
+            _warn("{} has no labels ('y'): no top-1".format(found["data"]))
+    cuda = load_cuda(args.device)
+    try:
+        name, cc = cuda.device_properties()
+        jetson = jetson_facts()
+        device = name + (" (sm_{}{})".format(cc[0], cc[1]) if cc else "")
+        if jetson and jetson.get("model"):
+            device = "{} / {}".format(jetson["model"], device)
+        logger = trt.Logger(trt.Logger.VERBOSE if args.verbose else trt.Logger.WARNING)
+        rows, engines = [], []
+        for entry in found["engines"]:
+            _note("{} ({}, {:.1f} MB)".format(entry["label"], entry["file"], entry["size_bytes"] / MB), args.quiet)
+            sampler = None if args.no_tegrastats else TegrastatsSampler(args.tegrastats_interval)
+            try:
+                try:
+                    engine_rows, details = bench_engine(trt, cuda, logger, entry, batches, args.warmup, args.runs,
+                                                        data, sampler, args.quiet)
+                except RuntimeError as exc:
+                    raise BenchmarkFailed("{}: {}".format(entry["file"], exc))
+            except BenchmarkFailed as exc:
+                # One stale engine (built by another TensorRT or GPU) must not hide the others' numbers.
+                sys.stderr.write("error: {}\n".format(exc))
+                engines.append({"label": entry["label"], "file": entry["file"], "error": str(exc)})
+                continue
+            rows.extend(engine_rows)
+            engines.append(details)
+    finally:
+        cuda.close()
+    return make_report(device, trt.__version__, rows, jetson=jetson, engines=engines,
+                       data={"file": found["data"], "images": len(data[0]) if data else None},
+                       settings={"batches": batches, "warmup": args.warmup, "runs": args.runs,
+                                 "timing": "CUDA events around host->device copy, execution, device->host copy",
+                                 "cuda": cuda.name})
+
+
+def main(argv=None):
+    """CLI entry point; returns the exit code (0 measured, 1 an engine failed, 2 usage/machine)."""
+    try:
+        args = parse_args(argv)
+        report = run(args)
+    except UsageError as exc:
+        sys.stderr.write("error: {}\n".format(exc))
+        return EXIT_USAGE
+    except BenchmarkFailed as exc:
+        sys.stderr.write("error: {}\n".format(exc))
+        return EXIT_FAILED
+    failed = [e for e in report["engines"] if e.get("error")]
+    code = EXIT_FAILED if failed else EXIT_OK
+    text = json.dumps(report, indent=2) + "\n"
+    if args.json_out == "-":
+        sys.stdout.write(text)
+        return code
+    out = args.json_out or os.path.join(report_folder(args), DEFAULT_JSON)
+    _write_atomic(out, text)
+    print(format_table(report))
+    extra = format_tegrastats_table(report)
+    if extra:
+        print("\n" + extra)
+    print("\n{} with TensorRT {}; JSON in {}".format(report["device"], report["trt_version"], out))
+    if failed:
+        print("not measured (see the errors above): " + ", ".join(e["file"] for e in failed))
+    return code
+
+
+def report_folder(args):
+    """Where the default benchmark.json goes: the first folder argument, else the first engine's folder."""
+    for path in args.paths:
+        if os.path.isdir(path):
+            return path
+    return os.path.dirname(os.path.abspath(args.paths[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
