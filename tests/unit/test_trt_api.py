@@ -473,6 +473,7 @@ def test_missing_onnx_exits_2_with_one_line(tmp_path):
 def test_launcher_in_a_bundle(tmp_path):
     """A bundle: the launcher under another name next to build_engine.py; or alone (error)."""
     shutil.copy(LAUNCHER, tmp_path / "build.py")
+    shutil.copy(LAUNCHER.parent / "_launch.py", tmp_path / "_launch.py")
     alone = _run_without_trt(tmp_path / "build.py", "--help")
     assert alone.returncode == 2 and "build_engine.py not found" in alone.stderr
     shutil.copy(SCRIPT, tmp_path / "build_engine.py")
@@ -497,7 +498,7 @@ def test_scripts_stay_python36_and_standalone(path):
         elif isinstance(node, ast.ImportFrom):
             assert node.module != "__future__", "from __future__ imports: annotations needs 3.7"
             imported.add((node.module or "").split(".")[0])
-    allowed = {"argparse", "datetime", "json", "os", "re", "sys", "tempfile", "warnings", "importlib",
+    allowed = {"_launch", "argparse", "datetime", "json", "os", "re", "sys", "tempfile", "warnings", "importlib",
                "numpy", "tensorrt", "cuda", "pycuda"}
     assert imported <= allowed, imported - allowed
     for fstring in _fstrings(source):
