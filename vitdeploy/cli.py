@@ -60,7 +60,8 @@ def cmd_build(args) -> int:
         model=args.model, calib=args.calib, target=args.target, out=args.out, name=args.name, arch=args.arch,
         model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle, input_size=args.input_size,
         mean=args.mean, std=args.std, calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed,
-        plan=args.plan,
+        plan=args.plan, workspace_mib=args.workspace, dla_core=args.dla, trt_calibrator=args.trt_calibrator,
+        max_batch=args.max_batch,
         eval_data=args.eval_data, batch_size=args.batch_size)
     record = build(cfg)
     rows = [[name, size / 1e6] for name, size in record["files"].items()]
@@ -182,6 +183,22 @@ def _onnx_input_size(path: Path):
     return size
 
 
+def cmd_bench(args) -> int:
+    from .measure.bench import bench_json, markdown_table, parse_batches, run_bench
+
+    result = run_bench(args.artifacts, data=args.data, batches=parse_batches(args.batch), threads=args.threads,
+                       runs=args.runs, warmup=args.warmup, png=args.png)
+    if args.json:
+        print(json.dumps(bench_json(result["rows"], result["threads"], result["device"], skipped=result["skipped"])))
+        return 0 if result["rows"] or result["skipped"] else 1
+    if result["rows"]:
+        print(markdown_table(result["rows"]))
+        print(f"\n{result['device']}; warm-up {result['warmup']}, {result['runs']} timed runs per batch, interleaved")
+    if result["png"]:
+        print(f"chart: {result['png']}")
+    return 0 if result["rows"] or result["skipped"] else 1
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -207,6 +224,14 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="build name (default: the checkpoint's file name)")
     g.add_argument("--eval-data", type=Path, help="labelled images (.npz or class folders): report FP32 vs INT8 top-1")
     g.add_argument("--batch-size", type=int, default=64)
+    g = p.add_argument_group("TensorRT engine (built here when TensorRT and a GPU are present, else on the device "
+                             "from the bundle)")
+    g.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace limit")
+    g.add_argument("--dla", type=int, metavar="CORE", help="DLA core on Xavier/Orin (GPU fallback on; batch 1)")
+    g.add_argument("--trt-calibrator", choices=["entropy"],
+                   help="implicit INT8 with IInt8EntropyCalibrator2 on the FP32 ONNX (TensorRT <= 10 only; "
+                        "deprecated since 10.1, removed in 11: explicit Q/DQ is the default)")
+    g.add_argument("--max-batch", type=int, default=8, help="largest batch of the engine's profile (default 8)")
     add_common_args(p)
     p.set_defaults(func=cmd_build)
 
@@ -247,6 +272,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="jetson-orin", help="target whose rules apply (default jetson-orin)")
     add_common_args(p)
     p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("bench", help="latency (median/p90/p99), throughput, memory, size and top-1 of FP32/FP16/INT8 "
+                                     "ONNX models (ONNX Runtime, CPU) and TensorRT engines")
+    p.add_argument("artifacts", type=Path, nargs="+", metavar="ARTIFACT",
+                   help="ONNX model, TensorRT .engine, or build folder (all its model.*.onnx and *.engine)")
+    p.add_argument("--data", type=Path, help="labelled images (.npz or class folders) for top-1; preprocessing "
+                                             "from the build.json")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1), e.g. 1,8")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: physical cores)")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per batch size (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs per batch size (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--png", type=Path, help="latency bar chart (default: bench.png in a benchmarked build folder)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="train a small ViT on scikit-learn's digits for a minute, build it, show FP32 vs INT8")
     p.add_argument("--out", default="engines", help="where the demo's build goes (default engines/)")

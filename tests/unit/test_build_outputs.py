@@ -1,0 +1,53 @@
+"""What a cpu build writes: calib.cache named after the ONNX tensors, and consistent with the Q/DQ scales."""
+import json
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from vitdeploy.calib_cache import read_calib_cache
+from vitdeploy.cli import main
+
+
+def test_calib_cache_matches_the_qdq_scales(tiny_vit, calib_npz, tmp_path):
+    out = tmp_path / "out"
+    assert main(["build", str(tiny_vit.state_dict), "--arch", tiny_vit.arch, "--model-kwargs", tiny_vit.kwargs,
+                 "--calib", str(calib_npz), "--calib-size", "8", "--out", str(out), "--quiet"]) == 0
+    header, amax = read_calib_cache(out / "calib.cache")
+    assert header.startswith("TRT-") and header.endswith("-EntropyCalibration2")
+    model = onnx.load(str(out / "model.int8.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    activation_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    expected = {n.input[0]: float(inits[n.input[1]]) * 127.0 for n in activation_q}
+    assert set(amax) == set(expected)          # one line per quantized tensor, named as in the ONNX
+    for name, value in expected.items():
+        assert np.isclose(amax[name], value, rtol=1e-6), name
+    record = json.loads((out / "build.json").read_text())
+    assert "calib.cache" in record["files"]
+
+
+def test_engine_options_reach_the_engine_command():
+    from vitdeploy.artifacts import ModelSpec
+    from vitdeploy.pipeline import BuildConfig, engine_argv
+    from vitdeploy.targets import get_target
+
+    spec = ModelSpec(name="m", input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)
+    cfg = BuildConfig(model="m.pt", workspace_mib=2048, dla_core=0)
+    argv = engine_argv(None, get_target("jetson-xavier"), spec, cfg)
+    assert argv[0] == "model.int8.onnx" and argv[argv.index("--workspace") + 1] == "2048"
+    assert argv[argv.index("--dla") + 1] == "0" and argv[argv.index("--max-batch") + 1] == "1"  # DLA: static batch 1
+    implicit = engine_argv(None, get_target("jetson-orin"), spec, BuildConfig(model="m.pt", trt_calibrator="entropy"))
+    assert implicit[0] == "model.fp32.onnx"        # implicit INT8 calibrates the FP32 network itself
+    assert "--calib" in implicit and "calib.npy" in implicit and "calib.cache" in implicit
+    tx2 = engine_argv(None, get_target("jetson-tx2"), spec, BuildConfig(model="m.pt"))
+    assert tx2[0] == "model.fp32.onnx" and tx2[tx2.index("--precision") + 1] == "fp16"
+
+
+def test_engine_option_errors(tiny_vit, calib_npz, tmp_path, capsys):
+    base = ["build", str(tiny_vit.state_dict), "--arch", tiny_vit.arch, "--model-kwargs", tiny_vit.kwargs,
+            "--calib", str(calib_npz), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(base + ["--target", "desktop", "--dla", "0"]) == 2
+    assert "has no DLA" in capsys.readouterr().err
+    assert main(base + ["--target", "cpu", "--trt-calibrator", "entropy"]) == 2
+    assert "TensorRT option" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
