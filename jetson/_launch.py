@@ -1,7 +1,9 @@
 """Shared by the jetson/ launchers: find one of vitdeploy's standalone device scripts and run it.
 
 The scripts are imported by path, so neither vitdeploy nor torch/timm need to be installed on
-the device -- only TensorRT, NumPy and cuda-python/PyCUDA. Python 3.6 compatible (JetPack 4.6).
+the device -- only TensorRT, NumPy and cuda-python/PyCUDA. Each script loads its sibling
+``device.py`` (the CUDA/TensorRT helpers they share) from its own folder. Python 3.6 compatible
+(JetPack 4.6).
 """
 
 import importlib.util
@@ -40,10 +42,15 @@ def load_script(path):
 
 
 def run(launcher, name, argv=None):
-    """Run the real script's ``main``; exit 2 with one line when it cannot be found."""
+    """Run the real script's ``main``; exit 2 with one line when it (or its device.py) cannot be found."""
     path = find_script(launcher, name)
     if path is None:
         sys.stderr.write("error: {} not found next to {} nor in ../vitdeploy/trt/\n".format(
             name, os.path.dirname(os.path.abspath(launcher))))
         return 2
-    return load_script(path).main(argv)
+    try:
+        script = load_script(path)
+    except ImportError as exc:  # the script without its device.py
+        sys.stderr.write("error: {}\n".format(exc))
+        return 2
+    return script.main(argv)

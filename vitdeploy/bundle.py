@@ -4,8 +4,9 @@ A TensorRT engine only runs on the GPU model and TensorRT version it was built w
 engine cannot be made here: the bundle carries everything needed to build it on the device --
 the target's ONNX, preprocessed calibration images (``calib.npy``), the calibrated ranges as a
 TensorRT calibration cache (``calib.cache``), the engine build script (``build_engine.py``), the
-on-device benchmark (``benchmark.py``), the equivalent ``trtexec`` command lines (``trtexec.txt``)
-and the instructions (``DEPLOY.md``).
+on-device benchmark (``benchmark.py``), the CUDA/TensorRT helpers both load from their folder
+(``device.py``), the equivalent ``trtexec`` command lines (``trtexec.txt``) and the instructions
+(``DEPLOY.md``).
 
 The build flags for each target are derived from its `Target` record (INT8 or not, strongly
 typed or not, LayerNorm pinned to FP32 or not) in one place, `_precision_flags`, so that
@@ -32,6 +33,7 @@ from .targets import Target, get_target
 __all__ = [
     "BENCHMARK_SOURCE",
     "BUILD_ENGINE_SOURCE",
+    "DEVICE_SOURCE",
     "CALIB_CACHE_VERSIONS",
     "DESKTOP_CALIB_CACHE_VERSION",
     "calib_amax_from_qdq",
@@ -45,6 +47,8 @@ __all__ = [
 BUILD_ENGINE_SOURCE = Path(__file__).parent / "trt" / "build_engine.py"
 #: The on-device benchmark copied next to it (standalone too: TensorRT + NumPy + cuda-python/PyCUDA).
 BENCHMARK_SOURCE = Path(__file__).parent / "trt" / "benchmark.py"
+#: The device plumbing both scripts load by path from their own folder, so it goes next to them.
+DEVICE_SOURCE = Path(__file__).parent / "trt" / "device.py"
 
 #: Version number written into calib.cache's header, per target TensorRT release, in
 #: NV_TENSORRT_VERSION style: 8.2.1 → 8201 (JetPack 4.6), 8.5.2 → 8502 (JetPack 5.1),
@@ -312,6 +316,7 @@ def write_bundle(folder: Path, target: Target | str, onnx_model_path: Path,
         written.append(folder / "calib.cache")
     written.append(_copy_build_engine(folder))
     written.append(_copy_script(BENCHMARK_SOURCE, folder / "benchmark.py"))
+    written.append(_copy_script(DEVICE_SOURCE, folder / "device.py"))
     commands = _Commands(target, onnx_path.name, shape, facts, max_batch, opt_batch)
     written.append(_write_text(folder / "trtexec.txt", commands.trtexec_text()))
     written.append(_write_text(folder / "DEPLOY.md",
@@ -398,6 +403,8 @@ def _deploy_markdown(target: Target, record: Mapping, commands: _Commands, has_c
     lines += ["- `build_engine.py`: builds the engine with TensorRT's Python API.",
               "- `benchmark.py`: times the engines in this folder (latency, throughput, memory; top-1 "
               "with an `eval.npz`); `python3 benchmark.py --help`.",
+              "- `device.py`: the CUDA and TensorRT helpers `build_engine.py` and `benchmark.py` share; "
+              "keep it next to them.",
               "- `trtexec.txt`: the same build as `trtexec` command lines."]
     return "\n".join(lines) + "\n"
 

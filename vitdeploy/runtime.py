@@ -25,6 +25,7 @@ from .backends.base import Runner, TensorSpec
 from .errors import BuildError, InputError
 from .log import get_logger
 from .trt import build_engine as _engine_tools
+from .trt import device as _device
 
 __all__ = [
     "TrtRunner",
@@ -198,7 +199,7 @@ def _sm(cc: Optional[Sequence[int]]) -> str:
 
 def _release(version: Any) -> Tuple[int, ...]:
     """major.minor.patch of a TensorRT version string: the part an engine is tied to."""
-    return _engine_tools._version_tuple(version)[:3]
+    return _device.version_tuple(version)[:3]
 
 
 def _check_trt_version(built: str, here: Optional[str]) -> Tuple[List[str], List[str]]:
@@ -251,8 +252,8 @@ def check_engine_compatible(meta: Mapping[str, Any], device_name: Optional[str],
 def _import_tensorrt():
     """``tensorrt``, or BuildError with one line."""
     try:
-        return _engine_tools.import_tensorrt()
-    except _engine_tools.TensorRTNotFound:
+        return _device.import_tensorrt()
+    except _device.TensorRTNotFound:
         raise BuildError("TensorRT not found (cannot import tensorrt): TrtRunner runs engines on the device "
                          "that built them; use OrtRunner (ONNX Runtime) elsewhere") from None
 
@@ -324,8 +325,8 @@ class TrtRunner(Runner):
     # lifecycle -------------------------------------------------------------------------------
     def activate_impl(self) -> None:
         try:
-            self._cuda = _engine_tools.load_cuda(self.device)
-        except _engine_tools.CudaNotFound as exc:
+            self._cuda = _device.load_cuda(self.device)
+        except _device.CudaNotFound as exc:
             raise BuildError(str(exc)) from None
         except RuntimeError as exc:
             raise BuildError(f"CUDA is not usable here: {exc}") from None
@@ -357,7 +358,7 @@ class TrtRunner(Runner):
 
     def _load_engine(self) -> None:
         trt = self._trt
-        self._runtime = trt.Runtime(_engine_tools.get_trt_logger(trt))
+        self._runtime = trt.Runtime(_device.get_trt_logger(trt))
         dla_core = ((self.metadata or {}).get("precision") or {}).get("dla_core")
         if dla_core is not None:
             self._runtime.DLA_core = dla_core
@@ -367,26 +368,17 @@ class TrtRunner(Runner):
                              f"the TensorRT version and on the GPU architecture that built it; {_REBUILD}")
         self._engine = engine
         self._context = engine.create_execution_context()
-        self._tensor_api = hasattr(engine, "num_io_tensors") and hasattr(self._context, "execute_async_v3")
-        self._io = _engine_tools.engine_io(engine, trt)
+        self._tensor_api = _device.uses_tensor_api(engine, self._context)
+        self._io = _device.engine_io(engine, trt)
         for tensor in self._io:
             try:
                 tensor["np_dtype"] = np.dtype(tensor["dtype"])
             except TypeError:
                 raise BuildError(f"{self.engine_path}: tensor '{tensor['name']}' is {tensor['dtype']}, which NumPy "
                                  f"cannot hold; build the engine with float32/float16 I/O") from None
-        self._profiles = {t["name"]: self._profile_range(t) for t in self._io if t["is_input"]}
-
-    def _profile_range(self, tensor: Dict[str, Any]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-        """(min shape, max shape) an input accepts: its profile 0, or its static shape."""
-        shape = tuple(tensor["shape"])
-        if all(d >= 0 for d in shape):
-            return shape, shape
-        if self._tensor_api and hasattr(self._engine, "get_tensor_profile_shape"):
-            low, _opt, high = self._engine.get_tensor_profile_shape(tensor["name"], 0)
-        else:
-            low, _opt, high = self._engine.get_profile_shape(0, tensor["index"])
-        return tuple(int(d) for d in low), tuple(int(d) for d in high)
+        # (min shape, max shape) each input accepts: its profile 0, or its static shape.
+        self._profiles = {t["name"]: _device.profile_range(engine, t, self._tensor_api)
+                          for t in self._io if t["is_input"]}
 
     def _release(self) -> None:
         """Free device memory, events and stream, then the context before the engine."""
@@ -422,7 +414,9 @@ class TrtRunner(Runner):
                 self._set_input_shape(tensor, inputs[tensor["name"]].shape)
         outputs = {t["name"]: np.empty(self._output_shape(t), t["np_dtype"]) for t in self._io if not t["is_input"]}
         arrays = {**inputs, **outputs}
-        pointers = {name: self._device_buffer(name, array.nbytes) for name, array in arrays.items()}
+        # device memory per tensor, grown (never shrunk) to the largest batch seen
+        pointers = {name: _device.ensure_buffer(self._cuda, self._buffers, name, array.nbytes)
+                    for name, array in arrays.items()}
         self._run(inputs, outputs, pointers)
         return outputs
 
@@ -431,33 +425,15 @@ class TrtRunner(Runner):
         if len(shape) != len(low) or any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high)):
             raise InputError(f"{self.name}: input '{tensor['name']}' has shape {list(shape)}, the engine's profile "
                              f"takes {list(low)} to {list(high)}; rebuild with a larger --max-batch for bigger batches")
-        if self._tensor_api:
-            ok = self._context.set_input_shape(tensor["name"], tuple(shape))
-        else:
-            ok = self._context.set_binding_shape(tensor["index"], tuple(shape))
-        if ok is False:
+        if _device.set_input_shape(self._context, tensor, shape, self._tensor_api) is False:
             raise InputError(f"{self.name}: TensorRT rejected shape {list(shape)} for input '{tensor['name']}'")
 
     def _output_shape(self, tensor: Dict[str, Any]) -> Tuple[int, ...]:
-        if self._tensor_api:
-            shape = tuple(int(d) for d in self._context.get_tensor_shape(tensor["name"]))
-        else:
-            shape = tuple(int(d) for d in self._context.get_binding_shape(tensor["index"]))
+        shape = _device.output_shape(self._context, tensor, self._tensor_api)
         if any(d < 0 for d in shape):
             raise RuntimeError(f"{self.name}: TensorRT could not infer the shape of output '{tensor['name']}' "
                                f"({list(shape)})")
         return shape
-
-    def _device_buffer(self, name: str, nbytes: int) -> int:
-        """Device memory for a tensor, grown (never shrunk) to the largest batch seen."""
-        ptr, size = self._buffers.get(name, (None, 0))
-        if ptr is not None and size >= nbytes:
-            return ptr
-        if ptr is not None:
-            self._cuda.free(ptr)
-        ptr = self._cuda.malloc(max(nbytes, 1))
-        self._buffers[name] = (ptr, max(nbytes, 1))
-        return ptr
 
     def _run(self, inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray], pointers: Dict[str, int]) -> None:
         """Copy in, execute, copy out on our stream, timing both spans with CUDA events."""
@@ -467,18 +443,9 @@ class TrtRunner(Runner):
         for name, array in inputs.items():
             if array.nbytes:
                 cuda.htod(pointers[name], array, stream)
-        handle = cuda.stream_handle(stream)
-        if self._tensor_api:
-            for name, ptr in pointers.items():
-                self._context.set_tensor_address(name, ptr)
-            cuda.event_record(compute_start, stream)
-            ok = self._context.execute_async_v3(handle)
-        else:
-            bindings = [0] * self._engine.num_bindings
-            for tensor in self._io:
-                bindings[tensor["index"]] = pointers[tensor["name"]]
-            cuda.event_record(compute_start, stream)
-            ok = self._context.execute_async_v2(bindings, handle)
+        bindings = _device.bind(self._engine, self._context, self._io, pointers, self._tensor_api)
+        cuda.event_record(compute_start, stream)
+        ok = _device.enqueue(self._context, bindings, cuda.stream_handle(stream), self._tensor_api)
         cuda.event_record(compute_end, stream)
         if not ok:
             cuda.stream_synchronize(stream)

@@ -35,7 +35,8 @@ ONNX_FOR = {"jetson-tx2": "model.fp32.onnx", "jetson-xavier": "model.int8.onnx",
             "jetson-orin": "model.int8.onnx", "desktop": "model.int8.fp16.onnx"}
 TRT_TARGETS = list(ONNX_FOR)
 SHAPE = (3, 16, 16)
-BUNDLE_FILES = {"calib.npy", "calib.cache", "build_engine.py", "benchmark.py", "trtexec.txt", "DEPLOY.md"}
+BUNDLE_FILES = {"calib.npy", "calib.cache", "build_engine.py", "benchmark.py", "device.py", "trtexec.txt",
+                "DEPLOY.md"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +249,7 @@ def test_commands_reject_bad_shapes():
 def test_bundled_build_engine_help_runs_without_tensorrt(bundles):
     folder = bundles["jetson-orin"].folder
     assert (folder / "build_engine.py").read_bytes() == REAL_BUILD_ENGINE.read_bytes()
+    assert (folder / "device.py").read_bytes() == bundle.DEVICE_SOURCE.read_bytes()  # loaded by path from it
     result = subprocess.run([sys.executable, "build_engine.py", "--help"], cwd=folder,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -262,7 +264,7 @@ def test_bundled_benchmark_is_the_package_script_and_runs_without_tensorrt(bundl
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--batch" in result.stdout
-    assert "`benchmark.py`" in bundles["jetson-xavier"].deploy
+    assert "`benchmark.py`" in bundles["jetson-xavier"].deploy and "`device.py`" in bundles["jetson-xavier"].deploy
 
 
 @needs_build_engine

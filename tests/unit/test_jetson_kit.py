@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK = ROOT / "vitdeploy" / "trt" / "benchmark.py"
 BUILD_ENGINE = ROOT / "vitdeploy" / "trt" / "build_engine.py"
+DEVICE = ROOT / "vitdeploy" / "trt" / "device.py"  # loaded by path by both scripts
 LAUNCHERS = [ROOT / "jetson" / "benchmark.py", ROOT / "jetson" / "build_engine.py"]
 SETUP_SH = ROOT / "jetson" / "setup.sh"
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -462,7 +463,7 @@ def test_launcher_finds_the_real_script():
 # Python 3.6 compatibility of everything that runs on the device
 # ---------------------------------------------------------------------------------------------
 
-DEVICE_SCRIPTS = [BENCHMARK, BUILD_ENGINE] + LAUNCHERS
+DEVICE_SCRIPTS = [BENCHMARK, BUILD_ENGINE, DEVICE] + LAUNCHERS
 _NEWER_THAN_36_KEYWORDS = {"capture_output", "text"}  # subprocess.run(..., capture_output=/text=) are 3.7
 
 
@@ -675,6 +676,7 @@ def test_dockerfile_jetson():
     assert "nvcr.io/nvidia/l4t-tensorrt:r8.5.2-runtime" in path.read_text()  # the JetPack 5 variant is documented
     assert re.search(r"pip install numpy \"\$\{CUDA_PYTHON\}\"", runs) and args["CUDA_PYTHON"].startswith("cuda-python")
     assert "torch" not in runs and "pip install -e" not in runs  # bundle tools only
-    assert {"vitdeploy/trt/build_engine.py", "vitdeploy/trt/benchmark.py", "jetson/setup.sh"} <= set(copies)
+    assert {"vitdeploy/trt/build_engine.py", "vitdeploy/trt/benchmark.py", "vitdeploy/trt/device.py",
+            "jetson/setup.sh"} <= set(copies)
     for source in copies:
         assert (ROOT / source).exists(), source

@@ -36,6 +36,7 @@ from vitdeploy.trt import build_engine as be
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "vitdeploy" / "trt" / "build_engine.py"
+DEVICE = REPO / "vitdeploy" / "trt" / "device.py"  # the sibling both device scripts load by path
 LAUNCHER = REPO / "jetson" / "build_engine.py"
 
 
@@ -471,13 +472,42 @@ def test_missing_onnx_exits_2_with_one_line(tmp_path):
 
 
 def test_launcher_in_a_bundle(tmp_path):
-    """A bundle: the launcher under another name next to build_engine.py; or alone (error)."""
+    """A bundle: the launcher under another name next to build_engine.py and device.py; or without
+    them (one-line errors)."""
     shutil.copy(LAUNCHER, tmp_path / "build.py")
     shutil.copy(LAUNCHER.parent / "_launch.py", tmp_path / "_launch.py")
     alone = _run_without_trt(tmp_path / "build.py", "--help")
     assert alone.returncode == 2 and "build_engine.py not found" in alone.stderr
     shutil.copy(SCRIPT, tmp_path / "build_engine.py")
+    no_device = _run_without_trt(tmp_path / "build.py", "--help")
+    assert no_device.returncode == 2 and no_device.stderr.count("\n") == 1 and "device.py" in no_device.stderr
+    shutil.copy(DEVICE, tmp_path / "device.py")
     assert _run_without_trt(tmp_path / "build.py", "--help").returncode == 0
+
+
+def test_script_copied_with_device_py_runs_anywhere(tmp_path):
+    """build_engine.py + device.py copied into any folder: --help, run from another directory; without
+    device.py, one line and exit 2."""
+    folder = tmp_path / "somewhere"
+    folder.mkdir()
+    shutil.copy(SCRIPT, folder / "build_engine.py")
+    alone = _run_without_trt(folder / "build_engine.py", "--help", cwd=tmp_path)
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1 and "device.py next to it" in alone.stderr
+    shutil.copy(DEVICE, folder / "device.py")
+    result = _run_without_trt(folder / "build_engine.py", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--trt-calibrator" in result.stdout
+
+
+def test_package_and_script_share_device_py():
+    """Imported as vitdeploy.trt.build_engine, the script re-exports the package's own device module."""
+    from vitdeploy.trt import device
+
+    assert be._device is device
+    for name in ("UsageError", "TensorRTNotFound", "CudaNotFound", "load_cuda", "query_device", "engine_io",
+                 "get_trt_logger"):
+        assert getattr(be, name) is getattr(device, name), name
+    assert issubclass(be.TensorRTNotFound, be.UsageError) and issubclass(be.CudaNotFound, be.UsageError)
 
 
 def _fstrings(source):
@@ -486,9 +516,10 @@ def _fstrings(source):
             if isinstance(node, ast.JoinedStr)]
 
 
-@pytest.mark.parametrize("path", [SCRIPT, LAUNCHER], ids=["vitdeploy/trt", "jetson"])
+@pytest.mark.parametrize("path", [SCRIPT, DEVICE, LAUNCHER], ids=["vitdeploy/trt", "device.py", "jetson"])
 def test_scripts_stay_python36_and_standalone(path):
-    """JetPack 4.6 ships Python 3.6; the deploy bundle has no vitdeploy package."""
+    """JetPack 4.6 ships Python 3.6; the deploy bundle has no vitdeploy package. (device.py is loaded by
+    path with importlib, not imported by name, so it is not an import here.)"""
     source = path.read_text()
     tree = ast.parse(source, feature_version=(3, 6))  # rejects walrus, positional-only params, ...
     imported = set()
@@ -631,3 +662,68 @@ def test_query_device_never_raises():
     """No GPU here: (None, None); on a GPU machine a name and (major, minor)."""
     name, cc = be.query_device()
     assert (name is None and cc is None) or (isinstance(name, str) and len(cc) == 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# device.py: the plumbing build_engine.py, benchmark.py and TrtRunner share (fakes, no GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+class _FakeContext:
+    """Records what the engine-running helpers ask of an execution context."""
+
+    def __init__(self, tensor_api):
+        self.calls = []
+        if tensor_api:
+            self.set_tensor_address = lambda name, ptr: self.calls.append(("address", name, ptr))
+            self.execute_async_v3 = lambda handle: self.calls.append(("v3", handle)) or True
+            self.set_input_shape = lambda name, shape: self.calls.append(("shape", name, shape)) or True
+            self.get_tensor_shape = lambda name: [2, 8]
+        else:
+            self.execute_async_v2 = lambda bindings, handle: self.calls.append(("v2", bindings, handle)) or True
+            self.set_binding_shape = lambda index, shape: self.calls.append(("shape", index, shape)) or False
+            self.get_binding_shape = lambda index: [-1, 8]
+
+
+@pytest.mark.parametrize("tensor_api", [True, False], ids=["tensor-api", "bindings"])
+def test_device_runs_an_engine_with_either_api(tensor_api):
+    from vitdeploy.trt import device
+
+    io = [{"name": "input", "index": 1, "is_input": True, "shape": [-1, 16]},
+          {"name": "logits", "index": 0, "is_input": False, "shape": [-1, 8]}]
+    engine = SimpleNamespace(num_bindings=2, get_tensor_profile_shape=lambda name, p: ((1, 16), (2, 16), (8, 16)),
+                             get_profile_shape=lambda p, index: ((1, 16), (4, 16), (4, 16)))
+    if tensor_api:
+        engine.num_io_tensors = 2
+    context = _FakeContext(tensor_api)
+    assert device.uses_tensor_api(engine, context) is tensor_api
+    assert device.profile_range(engine, io[0], tensor_api) == (((1, 16), (8, 16)) if tensor_api else
+                                                               ((1, 16), (4, 16)))
+    assert device.profile_range(engine, dict(io[0], shape=[3, 16]), tensor_api) == ((3, 16), (3, 16))
+    assert device.set_input_shape(context, io[0], [2, 16], tensor_api) is tensor_api
+    assert device.output_shape(context, io[1], tensor_api) == ((2, 8) if tensor_api else (-1, 8))
+    bindings = device.bind(engine, context, io, {"input": 100, "logits": 200}, tensor_api)
+    assert device.enqueue(context, bindings, 7, tensor_api)
+    if tensor_api:
+        assert bindings is None
+        assert context.calls[-3:] == [("address", "input", 100), ("address", "logits", 200), ("v3", 7)]
+    else:
+        assert context.calls[-1] == ("v2", [200, 100], 7)  # bindings ordered by binding index
+
+
+def test_device_buffers_grow_and_writes_are_atomic(tmp_path):
+    from vitdeploy.trt import device
+
+    cuda = SimpleNamespace(allocated=[], freed=[])
+    cuda.malloc = lambda n: cuda.allocated.append(n) or len(cuda.allocated)
+    cuda.free = cuda.freed.append
+    buffers = {}
+    assert device.ensure_buffer(cuda, buffers, "x", 0) == 1  # never a zero-byte allocation
+    assert device.ensure_buffer(cuda, buffers, "x", 64) == 2 and cuda.freed == [1]
+    assert device.ensure_buffer(cuda, buffers, "x", 32) == 2 and buffers == {"x": (2, 64)}  # never shrinks
+    device.write_atomic(str(tmp_path / "a.json"), "{\"é\": 1}\n")
+    device.write_atomic(str(tmp_path / "b.bin"), b"\x00\x01")
+    assert (tmp_path / "a.json").read_text(encoding="utf-8") == "{\"é\": 1}\n"
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]  # no temporary files left
+    assert device.version_tuple("10.3.0.26") == (10, 3, 0, 26) and device.version_tuple("unknown") == ()

@@ -22,8 +22,10 @@ bundle unless ``--json`` says otherwise), in the shape ``vitdeploy bench`` uses:
       "speedup_vs_fp32", "size_ratio_vs_fp32"}], ...}
 
 Like build_engine.py it is standalone: the standard library, NumPy, TensorRT (8.2 to 11.x, by
-feature checks) and cuda-python or PyCUDA -- no vitdeploy, no torch -- and Python 3.6 compatible
-(JetPack 4.6): no dataclasses, no walrus, no ``from __future__ import annotations``.
+feature checks) and cuda-python or PyCUDA, plus its sibling ``device.py`` (the CUDA/TensorRT
+plumbing shared with build_engine.py, loaded by path: keep it next to this file) -- no vitdeploy,
+no torch -- and Python 3.6 compatible (JetPack 4.6): no dataclasses, no walrus, no
+``from __future__ import annotations``.
 
 Sizes and memory are in MB = 10^6 bytes (as in vitdeploy's reports); tegrastats' own figures are
 reported as it prints them.
@@ -34,16 +36,39 @@ still measured and reported).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
+
+
+def _import_sibling(name):
+    """``name``.py from this file's folder. This script runs as ``python3 benchmark.py`` in a bundle, by path
+    from jetson/ and as ``vitdeploy.trt.benchmark``: neither sys.path nor a relative import finds it in all three."""
+    if __package__ and __package__ in sys.modules:  # vitdeploy.trt.benchmark: share the package's module
+        return importlib.import_module(__package__ + "." + name)
+    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), name + ".py")
+    if not os.path.isfile(path):
+        message = "{} needs {} next to it (deploy bundles carry both)".format(__file__, path)
+        if __name__ == "__main__":  # run as a script: one line and exit 2, like any other missing piece
+            sys.stderr.write("error: " + message + "\n")
+            sys.exit(2)
+        raise ImportError(message)
+    spec = importlib.util.spec_from_file_location("vitdeploy_trt_" + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_device = _import_sibling("device")
+UsageError = _device.UsageError  # a problem with the arguments, files or machine, in one line (exit 2)
+_warn = _device.warn
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -100,16 +125,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
-    """A problem with the arguments, files or machine, explained in one line (exit 2)."""
-
-
 class BenchmarkFailed(Exception):
     """An engine could not be loaded or run (exit 1)."""
-
-
-def _warn(message):
-    sys.stderr.write("warning: " + message + "\n")
 
 
 def _note(message, quiet=False):
@@ -744,196 +761,21 @@ def prepare_eval_inputs(x, sample_shape, preprocessing=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: cuda-python (preferred) or PyCUDA, behind one small interface
+# CUDA and TensorRT (the plumbing is device.py's)
 # ---------------------------------------------------------------------------------------------
 
 
-class _CudaPython(object):
-    """Device memory, streams, events and memory info through cuda-python's runtime API."""
-
-    name = "cuda-python"
-
-    def __init__(self, cudart, device=0):
-        self.cudart = cudart
-        self._check(cudart.cudaSetDevice(device))
-        self.device = device
-
-    def _check(self, result):
-        err, values = result[0], result[1:]
-        if err != self.cudart.cudaError_t.cudaSuccess:
-            text = self.cudart.cudaGetErrorString(err)[1]
-            text = text.decode() if isinstance(text, bytes) else str(text)
-            raise RuntimeError("CUDA error {}: {}".format(int(err), text))
-        if not values:
-            return None
-        return values[0] if len(values) == 1 else values
-
-    def malloc(self, nbytes):
-        return int(self._check(self.cudart.cudaMalloc(max(int(nbytes), 1))))
-
-    def free(self, ptr):
-        self._check(self.cudart.cudaFree(ptr))
-
-    def host_empty(self, shape, dtype):
-        import numpy as np
-        return np.empty(shape, dtype)
-
-    def htod(self, ptr, host, stream):
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._check(self.cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, stream))
-
-    def dtoh(self, host, ptr, stream):
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._check(self.cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, stream))
-
-    def stream_create(self):
-        return self._check(self.cudart.cudaStreamCreate())
-
-    @staticmethod
-    def stream_handle(stream):
-        return int(stream)
-
-    def stream_synchronize(self, stream):
-        self._check(self.cudart.cudaStreamSynchronize(stream))
-
-    def stream_destroy(self, stream):
-        self._check(self.cudart.cudaStreamDestroy(stream))
-
-    def event_create(self):
-        return self._check(self.cudart.cudaEventCreate())
-
-    def event_record(self, event, stream):
-        self._check(self.cudart.cudaEventRecord(event, stream))
-
-    def event_elapsed_ms(self, start, end):
-        self._check(self.cudart.cudaEventSynchronize(end))
-        return float(self._check(self.cudart.cudaEventElapsedTime(start, end)))
-
-    def event_destroy(self, event):
-        self._check(self.cudart.cudaEventDestroy(event))
-
-    def mem_get_info(self):
-        """``(free, total)`` bytes of device memory (system RAM on a Jetson)."""
-        free, total = self._check(self.cudart.cudaMemGetInfo())
-        return int(free), int(total)
-
-    def device_properties(self):
-        props = self._check(self.cudart.cudaGetDeviceProperties(self.device))
-        name = props.name
-        name = name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(name, bytes) else str(name)
-        return name.strip(), (int(props.major), int(props.minor))
-
-    def close(self):
-        pass
-
-
-class _PyCuda(object):
-    """The same interface over PyCUDA (JetPack 4.6's Python 3.6 has no cuda-python)."""
-
-    name = "pycuda"
-
-    def __init__(self, driver, device=0):
-        self.driver = driver
-        driver.init()
-        self._device = driver.Device(device)
-        self._context = self._device.retain_primary_context()
-        self._context.push()
-        self._allocations = {}
-
-    def malloc(self, nbytes):
-        allocation = self.driver.mem_alloc(max(int(nbytes), 1))
-        self._allocations[int(allocation)] = allocation
-        return int(allocation)
-
-    def free(self, ptr):
-        allocation = self._allocations.pop(int(ptr), None)
-        if allocation is not None:
-            allocation.free()
-
-    def host_empty(self, shape, dtype):
-        return self.driver.pagelocked_empty(shape, dtype)
-
-    def htod(self, ptr, host, stream):
-        self.driver.memcpy_htod_async(ptr, host, stream)
-
-    def dtoh(self, host, ptr, stream):
-        self.driver.memcpy_dtoh_async(host, ptr, stream)
-
-    def stream_create(self):
-        return self.driver.Stream()
-
-    @staticmethod
-    def stream_handle(stream):
-        return int(stream.handle)
-
-    def stream_synchronize(self, stream):
-        stream.synchronize()
-
-    def stream_destroy(self, stream):
-        pass
-
-    def event_create(self):
-        return self.driver.Event()
-
-    def event_record(self, event, stream):
-        event.record(stream)
-
-    def event_elapsed_ms(self, start, end):
-        end.synchronize()
-        return float(start.time_till(end))
-
-    def event_destroy(self, event):
-        pass
-
-    def mem_get_info(self):
-        free, total = self.driver.mem_get_info()
-        return int(free), int(total)
-
-    def device_properties(self):
-        return self._device.name().strip(), tuple(int(v) for v in self._device.compute_capability())
-
-    def close(self):
-        for allocation in list(self._allocations.values()):
-            allocation.free()
-        self._allocations.clear()
-        self._context.pop()
-
-
-def load_cuda(device=0):
-    """cuda-python (``cuda.bindings.runtime`` or ``cuda.cudart``), else PyCUDA; UsageError if neither."""
-    cudart = None
+def load_cuda(index=0):
+    """device.py's CUDA helper (cuda-python, else PyCUDA); UsageError when CUDA is missing or unusable."""
     try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            cudart = None
-    try:
-        if cudart is not None:
-            return _CudaPython(cudart, device)
-        try:
-            import pycuda.driver as driver
-        except ImportError:
-            raise UsageError("neither cuda-python nor PyCUDA is installed: run jetson/setup.sh (pip install "
-                             "cuda-python, or PyCUDA on JetPack 4.6)")
-        return _PyCuda(driver, device)
+        return _device.load_cuda(index)
     except RuntimeError as exc:
         raise UsageError("CUDA is not usable here: {}".format(exc))
 
 
-# ---------------------------------------------------------------------------------------------
-# TensorRT
-# ---------------------------------------------------------------------------------------------
-
-
 def import_tensorrt():
     """The ``tensorrt`` module, imported only when needed so ``--help`` works without it."""
-    try:
-        import tensorrt
-    except (ImportError, OSError):
-        raise UsageError(NO_TENSORRT_MESSAGE)
-    return tensorrt
+    return _device.import_tensorrt(NO_TENSORRT_MESSAGE)
 
 
 def engine_device_memory(engine):
@@ -953,20 +795,21 @@ def engine_device_memory(engine):
     return None
 
 
-def _np_dtype(trt, dtype):
+def _np_dtype(name):
+    """The NumPy dtype of an `engine_io` tensor type name."""
     import numpy as np
     try:
-        return np.dtype(trt.nptype(dtype))
-    except (TypeError, KeyError, AttributeError):
+        return np.dtype(name)
+    except TypeError:
         raise BenchmarkFailed("tensor type {} has no NumPy equivalent: build the engine with float32/float16 "
-                              "I/O".format(dtype))
+                              "I/O".format(name))
 
 
 class EngineSession(object):
     """One deserialized engine with its context, buffers, stream and events.
 
     Uses TensorRT's name-based tensor API (8.5+, the only one from 10) or the bindings API of
-    8.2-8.4 (JetPack 4.6), whichever the engine has.
+    8.2-8.4 (JetPack 4.6), whichever the engine has (see device.py).
     """
 
     def __init__(self, trt, cuda, path, logger, dla_core=None):
@@ -984,7 +827,7 @@ class EngineSession(object):
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise BenchmarkFailed("{}: TensorRT could not create an execution context (out of memory?)".format(path))
-        self.tensor_api = hasattr(self.engine, "num_io_tensors") and hasattr(self.context, "execute_async_v3")
+        self.tensor_api = _device.uses_tensor_api(self.engine, self.context)
         self.io = self._io()
         self.stream = cuda.stream_create()
         self.events = [cuda.event_create() for _ in range(2)]
@@ -992,34 +835,18 @@ class EngineSession(object):
         self.hosts = {}  # name -> host array
 
     def _io(self):
-        trt, engine, tensors = self.trt, self.engine, []
-        if self.tensor_api:
-            for i in range(engine.num_io_tensors):
-                name = engine.get_tensor_name(i)
-                tensors.append({"name": name, "index": i,
-                                "is_input": engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
-                                "shape": tuple(int(d) for d in engine.get_tensor_shape(name)),
-                                "dtype": _np_dtype(trt, engine.get_tensor_dtype(name))})
-        else:
-            for i in range(engine.num_bindings):
-                tensors.append({"name": engine.get_binding_name(i), "index": i,
-                                "is_input": bool(engine.binding_is_input(i)),
-                                "shape": tuple(int(d) for d in engine.get_binding_shape(i)),
-                                "dtype": _np_dtype(trt, engine.get_binding_dtype(i))})
+        """device.engine_io with tuple shapes, NumPy dtypes and each input's batch ``range``."""
+        tensors = _device.engine_io(self.engine, self.trt)
         for tensor in tensors:
+            tensor["shape"] = tuple(tensor["shape"])
+            tensor["dtype"] = _np_dtype(tensor["dtype"])
             tensor["range"] = self._batch_range(tensor) if tensor["is_input"] else None
         return tensors
 
     def _batch_range(self, tensor):
         """(min batch, max batch) the input accepts (its profile 0, or its static batch)."""
-        shape = tensor["shape"]
-        if shape and shape[0] >= 0:
-            return shape[0], shape[0]
-        if self.tensor_api and hasattr(self.engine, "get_tensor_profile_shape"):
-            low, _opt, high = self.engine.get_tensor_profile_shape(tensor["name"], 0)
-        else:
-            low, _opt, high = self.engine.get_profile_shape(0, tensor["index"])
-        return int(low[0]), int(high[0])
+        low, high = _device.profile_range(self.engine, tensor, self.tensor_api)
+        return low[0], high[0]
 
     @property
     def inputs(self):
@@ -1044,11 +871,7 @@ class EngineSession(object):
             if any(d < 0 for d in shape):
                 raise BenchmarkFailed("{}: input '{}' has dynamic dimensions besides the batch {}".format(
                     self.path, tensor["name"], list(tensor["shape"])))
-            if self.tensor_api:
-                ok = self.context.set_input_shape(tensor["name"], shape)
-            else:
-                ok = self.context.set_binding_shape(tensor["index"], shape)
-            if ok is False:
+            if _device.set_input_shape(self.context, tensor, shape, self.tensor_api) is False:
                 raise BenchmarkFailed("{}: TensorRT rejected batch {} for input '{}'".format(
                     self.path, batch, tensor["name"]))
             self._ensure(tensor, shape)
@@ -1056,10 +879,7 @@ class EngineSession(object):
                 host = self.hosts[tensor["name"]]
                 host[...] = np.random.RandomState(0).standard_normal(shape).astype(tensor["dtype"])
         for tensor in self.outputs:
-            if self.tensor_api:
-                shape = tuple(int(d) for d in self.context.get_tensor_shape(tensor["name"]))
-            else:
-                shape = tuple(int(d) for d in self.context.get_binding_shape(tensor["index"]))
+            shape = _device.output_shape(self.context, tensor, self.tensor_api)
             if any(d < 0 for d in shape):
                 raise BenchmarkFailed("{}: TensorRT could not infer output '{}' shape {}".format(
                     self.path, tensor["name"], list(shape)))
@@ -1070,12 +890,7 @@ class EngineSession(object):
         import numpy as np
 
         nbytes = int(np.prod(shape)) * tensor["dtype"].itemsize
-        ptr, size = self.buffers.get(tensor["name"], (None, 0))
-        if ptr is None or size < nbytes:
-            if ptr is not None:
-                self.cuda.free(ptr)
-            ptr = self.cuda.malloc(max(nbytes, 1))
-            self.buffers[tensor["name"]] = (ptr, max(nbytes, 1))
+        _device.ensure_buffer(self.cuda, self.buffers, tensor["name"], nbytes)
         host = self.hosts.get(tensor["name"])
         if host is None or tuple(host.shape) != tuple(shape):
             self.hosts[tensor["name"]] = self.cuda.host_empty(shape, tensor["dtype"])
@@ -1087,17 +902,9 @@ class EngineSession(object):
         cuda.event_record(start, stream)
         for tensor in self.inputs:
             cuda.htod(self.buffers[tensor["name"]][0], self.hosts[tensor["name"]], stream)
-        handle = cuda.stream_handle(stream)
-        if self.tensor_api:
-            for tensor in self.io:
-                self.context.set_tensor_address(tensor["name"], self.buffers[tensor["name"]][0])
-            ok = self.context.execute_async_v3(handle)
-        else:
-            bindings = [0] * self.engine.num_bindings
-            for tensor in self.io:
-                bindings[tensor["index"]] = self.buffers[tensor["name"]][0]
-            ok = self.context.execute_async_v2(bindings, handle)
-        if not ok:
+        pointers = {name: ptr for name, (ptr, _size) in self.buffers.items()}
+        bindings = _device.bind(self.engine, self.context, self.io, pointers, self.tensor_api)
+        if not _device.enqueue(self.context, bindings, cuda.stream_handle(stream), self.tensor_api):
             cuda.stream_synchronize(stream)
             raise BenchmarkFailed("TensorRT failed to execute {} (see its log)".format(self.path))
         for tensor in self.outputs:
@@ -1248,19 +1055,6 @@ def parse_args(argv=None):
     return args
 
 
-def _write_atomic(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(args):
     """Discover, measure, report; returns the report dict (raises UsageError / BenchmarkFailed)."""
     batches = parse_batches(args.batch)
@@ -1284,7 +1078,7 @@ def run(args):
         device = name + (" (sm_{}{})".format(cc[0], cc[1]) if cc else "")
         if jetson and jetson.get("model"):
             device = "{} / {}".format(jetson["model"], device)
-        logger = trt.Logger(trt.Logger.VERBOSE if args.verbose else trt.Logger.WARNING)
+        logger = _device.get_trt_logger(trt, args.verbose)
         rows, engines = [], []
         for entry in found["engines"]:
             _note("{} ({}, {:.1f} MB)".format(entry["label"], entry["file"], entry["size_bytes"] / MB), args.quiet)
@@ -1329,7 +1123,7 @@ def main(argv=None):
         sys.stdout.write(text)
         return code
     out = args.json_out or os.path.join(report_folder(args), DEFAULT_JSON)
-    _write_atomic(out, text)
+    _device.write_atomic(out, text)
     print(format_table(report))
     extra = format_tegrastats_table(report)
     if extra:

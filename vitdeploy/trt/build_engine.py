@@ -9,9 +9,11 @@
 
 Engines are not portable: an engine only runs on the GPU model (compute capability) and the
 TensorRT version it was built with. So this file is standalone -- it imports only the standard
-library, NumPy, TensorRT and (for calibration and device queries) cuda-python or PyCUDA -- and
-is copied into deploy bundles to run on a Jetson. It must stay Python 3.6 compatible (JetPack 4.6):
-no dataclasses, no walrus, no ``from __future__ import annotations``, no ``f"{x=}"``.
+library, NumPy, TensorRT and (for calibration and device queries) cuda-python or PyCUDA, plus its
+sibling ``device.py`` (the CUDA/TensorRT plumbing it shares with benchmark.py, loaded by path) --
+and is copied, with device.py, into deploy bundles to run on a Jetson. It must stay Python 3.6
+compatible (JetPack 4.6): no dataclasses, no walrus, no ``from __future__ import annotations``,
+no ``f"{x=}"``.
 
 It supports TensorRT 8.2 to 11.x by checking which attributes the installed ``tensorrt`` module
 has, never its version string: `detect_api` turns the module into a dict of capabilities,
@@ -27,12 +29,45 @@ found"), explained in one line; 1 TensorRT failed to parse or build the model.
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
 import sys
-import tempfile
 import warnings
+
+
+def _import_sibling(name):
+    """``name``.py from this file's folder. This script runs as ``python3 build_engine.py`` in a bundle, by path
+    from jetson/ and as ``vitdeploy.trt.build_engine``: neither sys.path nor a relative import finds it in all three."""
+    if __package__ and __package__ in sys.modules:  # vitdeploy.trt.build_engine: share the package's module
+        return importlib.import_module(__package__ + "." + name)
+    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), name + ".py")
+    if not os.path.isfile(path):
+        message = "{} needs {} next to it (deploy bundles carry both)".format(__file__, path)
+        if __name__ == "__main__":  # run as a script: one line and exit 2, like any other missing piece
+            sys.stderr.write("error: " + message + "\n")
+            sys.exit(2)
+        raise ImportError(message)
+    spec = importlib.util.spec_from_file_location("vitdeploy_trt_" + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_device = _import_sibling("device")
+# The shared device plumbing, under the names this script has always had.
+UsageError = _device.UsageError
+TensorRTNotFound = _device.TensorRTNotFound
+CudaNotFound = _device.CudaNotFound
+load_cuda = _device.load_cuda
+query_device = _device.query_device
+get_trt_logger = _device.get_trt_logger
+engine_io = _device.engine_io
+_import_cudart = _device.import_cudart
+_version_tuple = _device.version_tuple
+_warn = _device.warn
+_write_atomic = _device.write_atomic
 
 __all__ = [
     "METADATA_SCHEMA",
@@ -81,18 +116,6 @@ EXIT_USAGE = 2
 PRECISIONS = ("int8", "fp16", "fp32")
 
 
-class UsageError(Exception):
-    """A problem with the arguments, input files or machine, explained in one line (exit 2)."""
-
-
-class TensorRTNotFound(UsageError):
-    """``import tensorrt`` failed."""
-
-
-class CudaNotFound(UsageError):
-    """Neither cuda-python nor PyCUDA can be imported (needed for calibration and inference)."""
-
-
 class BuildFailed(Exception):
     """TensorRT could not parse or build the model (exit 1); the message may span lines."""
 
@@ -109,39 +132,6 @@ def _has(obj, *path):
             return False
         obj = getattr(obj, name)
     return True
-
-
-def _version_tuple(version):
-    """``"10.3.0.26" -> (10, 3, 0, 26)``; unparseable parts stop the tuple (``"unknown" -> ()``)."""
-    parts = []
-    for piece in str(version).split("."):
-        match = re.match(r"\d+", piece)
-        if not match:
-            break
-        parts.append(int(match.group(0)))
-    return tuple(parts)
-
-
-def _warn(message):
-    """CLI output: one ``warning:`` line on stderr."""
-    sys.stderr.write("warning: " + message + "\n")
-
-
-def _write_atomic(path, data):
-    """Write bytes to a temporary file in the same folder, then rename it over ``path``.
-
-    A reader (or a crash half-way through a 10-minute build) never leaves a truncated engine.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,259 +655,13 @@ def make_metadata(engine_file, trt_version, device_name, compute_capability, pla
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: cuda-python (preferred) or PyCUDA, behind one small interface
-# ---------------------------------------------------------------------------------------------
-
-
-class _CudaPython(object):
-    """Device memory, streams and events through cuda-python's runtime API.
-
-    Every cuda-python call returns ``(error, *values)``; `_check` turns errors into one-line
-    RuntimeErrors. The runtime API uses the device's primary context, as TensorRT does.
-    """
-
-    name = "cuda-python"
-
-    def __init__(self, cudart, device=0):
-        self.cudart = cudart
-        self._check(cudart.cudaSetDevice(device))
-        self.device = device
-
-    def _check(self, result):
-        err, values = result[0], result[1:]
-        if err != self.cudart.cudaError_t.cudaSuccess:
-            text = self.cudart.cudaGetErrorString(err)[1]
-            text = text.decode() if isinstance(text, bytes) else str(text)
-            raise RuntimeError("CUDA error {}: {}".format(int(err), text))
-        if not values:
-            return None
-        return values[0] if len(values) == 1 else values
-
-    def malloc(self, nbytes):
-        return int(self._check(self.cudart.cudaMalloc(max(int(nbytes), 1))))
-
-    def free(self, ptr):
-        self._check(self.cudart.cudaFree(ptr))
-
-    def htod(self, ptr, host, stream=None):
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        if stream is None:
-            self._check(self.cudart.cudaMemcpy(ptr, host.ctypes.data, host.nbytes, kind))
-        else:
-            self._check(self.cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, stream))
-
-    def dtoh(self, host, ptr, stream):
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._check(self.cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, stream))
-
-    def stream_create(self):
-        return self._check(self.cudart.cudaStreamCreate())
-
-    @staticmethod
-    def stream_handle(stream):
-        return int(stream)
-
-    def stream_synchronize(self, stream):
-        self._check(self.cudart.cudaStreamSynchronize(stream))
-
-    def stream_destroy(self, stream):
-        self._check(self.cudart.cudaStreamDestroy(stream))
-
-    def event_create(self):
-        return self._check(self.cudart.cudaEventCreate())
-
-    def event_record(self, event, stream):
-        self._check(self.cudart.cudaEventRecord(event, stream))
-
-    def event_elapsed_ms(self, start, end):
-        self._check(self.cudart.cudaEventSynchronize(end))
-        return float(self._check(self.cudart.cudaEventElapsedTime(start, end)))
-
-    def event_destroy(self, event):
-        self._check(self.cudart.cudaEventDestroy(event))
-
-    def device_properties(self):
-        """``(name, (major, minor))`` of the current device."""
-        props = self._check(self.cudart.cudaGetDeviceProperties(self.device))
-        name = props.name
-        name = name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(name, bytes) else str(name)
-        return name.strip(), (int(props.major), int(props.minor))
-
-    def close(self):
-        pass
-
-
-class _PyCuda(object):
-    """The same interface over PyCUDA (common on JetPack 4.x images).
-
-    PyCUDA has no implicit context: we push the device's primary context (the one TensorRT's
-    runtime API calls use) and pop it in `close`.
-    """
-
-    name = "pycuda"
-
-    def __init__(self, driver, device=0):
-        self.driver = driver
-        driver.init()
-        self._device = driver.Device(device)
-        self._context = self._device.retain_primary_context()
-        self._context.push()
-        self._allocations = {}
-
-    def malloc(self, nbytes):
-        allocation = self.driver.mem_alloc(max(int(nbytes), 1))
-        self._allocations[int(allocation)] = allocation
-        return int(allocation)
-
-    def free(self, ptr):
-        allocation = self._allocations.pop(int(ptr), None)
-        if allocation is not None:
-            allocation.free()
-
-    def htod(self, ptr, host, stream=None):
-        if stream is None:
-            self.driver.memcpy_htod(ptr, host)
-        else:
-            self.driver.memcpy_htod_async(ptr, host, stream)
-
-    def dtoh(self, host, ptr, stream):
-        self.driver.memcpy_dtoh_async(host, ptr, stream)
-
-    def stream_create(self):
-        return self.driver.Stream()
-
-    @staticmethod
-    def stream_handle(stream):
-        return int(stream.handle)
-
-    def stream_synchronize(self, stream):
-        stream.synchronize()
-
-    def stream_destroy(self, stream):
-        pass  # freed with the Python object
-
-    def event_create(self):
-        return self.driver.Event()
-
-    def event_record(self, event, stream):
-        event.record(stream)
-
-    def event_elapsed_ms(self, start, end):
-        end.synchronize()
-        return float(start.time_till(end))
-
-    def event_destroy(self, event):
-        pass
-
-    def device_properties(self):
-        return self._device.name().strip(), tuple(int(v) for v in self._device.compute_capability())
-
-    def close(self):
-        for allocation in list(self._allocations.values()):
-            allocation.free()
-        self._allocations.clear()
-        self._context.pop()
-
-
-def _import_cudart():
-    """cuda-python's runtime module: ``cuda.bindings.runtime`` (12.6+) or ``cuda.cudart`` (older)."""
-    try:
-        from cuda.bindings import runtime as cudart
-        return cudart
-    except ImportError:
-        from cuda import cudart
-        return cudart
-
-
-def load_cuda(device=0):
-    """A CUDA helper over cuda-python, else PyCUDA.
-
-    Raises CudaNotFound (one line) when neither is installed, RuntimeError when CUDA itself
-    fails (no device, driver too old).
-    """
-    try:
-        cudart = _import_cudart()
-    except ImportError:
-        cudart = None
-    if cudart is not None:
-        return _CudaPython(cudart, device)
-    try:
-        import pycuda.driver as driver
-    except ImportError:
-        raise CudaNotFound("neither cuda-python nor PyCUDA is installed: pip install cuda-python "
-                           "(or use JetPack's python3-pycuda)")
-    return _PyCuda(driver, device)
-
-
-def query_device(device=0):
-    """``(name, (major, minor))`` of the GPU, or ``(None, None)`` when CUDA cannot tell."""
-    try:
-        cuda = load_cuda(device)
-    except (UsageError, RuntimeError, OSError):
-        return None, None
-    try:
-        return cuda.device_properties()
-    except (RuntimeError, OSError, AttributeError):
-        return None, None
-    finally:
-        cuda.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorRT
+# TensorRT (CUDA, the logger and engine_io come from device.py)
 # ---------------------------------------------------------------------------------------------
 
 
 def import_tensorrt():
     """The ``tensorrt`` module, imported only when needed so ``--help`` works without it."""
-    try:
-        import tensorrt
-    except (ImportError, OSError):
-        raise TensorRTNotFound(NO_TENSORRT_MESSAGE)
-    return tensorrt
-
-
-_LOGGERS = {}
-
-
-def get_trt_logger(trt, verbose=False):
-    """One TensorRT logger per severity for the whole process (TensorRT expects a single logger)."""
-    severity = trt.Logger.VERBOSE if verbose else trt.Logger.WARNING
-    if severity not in _LOGGERS:
-        _LOGGERS[severity] = trt.Logger(severity)
-    return _LOGGERS[severity]
-
-
-def _dtype_name(trt, dtype):
-    """NumPy name of a TensorRT DataType (``"float32"``), or TensorRT's own for types NumPy lacks."""
-    import numpy as np
-
-    try:
-        return np.dtype(trt.nptype(dtype)).name
-    except (TypeError, KeyError, AttributeError):
-        return str(dtype).split(".")[-1].lower()
-
-
-def engine_io(engine, trt):
-    """``[{"name", "is_input", "shape", "dtype", "index"}]`` of an engine's I/O tensors.
-
-    Uses the TensorRT 8.5+ name-based tensor API when present, else the 8.x bindings API
-    (``index`` is the binding index there, the I/O position otherwise). Shapes keep -1 for
-    dynamic dimensions.
-    """
-    tensors = []
-    if hasattr(engine, "num_io_tensors"):
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            tensors.append({"name": name, "is_input": engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
-                            "shape": [int(d) for d in engine.get_tensor_shape(name)],
-                            "dtype": _dtype_name(trt, engine.get_tensor_dtype(name)), "index": i})
-    else:
-        for i in range(engine.num_bindings):
-            tensors.append({"name": engine.get_binding_name(i), "is_input": bool(engine.binding_is_input(i)),
-                            "shape": [int(d) for d in engine.get_binding_shape(i)],
-                            "dtype": _dtype_name(trt, engine.get_binding_dtype(i)), "index": i})
-    return tensors
+    return _device.import_tensorrt(NO_TENSORRT_MESSAGE)
 
 
 def _parse_onnx(trt, network, logger, onnx_path, caps):
