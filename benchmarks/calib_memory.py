@@ -3,18 +3,23 @@
     python benchmarks/calib_memory.py [--method entropy] [--images 512]
 
 ONNX Runtime's entropy calibrator keeps every activation and needs more than 21 GiB here; ours
-streams 2048-bin histograms. Prints the process's peak resident memory (ru_maxrss) and seconds.
+streams 2048-bin histograms. Prints the process's peak resident memory (VmHWM) and seconds.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def peak_mb() -> float:
+    """This process's own peak resident memory (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def main() -> int:
@@ -43,7 +48,7 @@ def main() -> int:
     images = ImageSet(source="random", spec=spec, pixels=pixels)
     layers = find_layers(model, spec)
     qmodel = quantize_model(model, [layer.name for layer in layers], args.method)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_mb()
 
     def loop(m):
         with torch.no_grad():
@@ -53,7 +58,7 @@ def main() -> int:
     start = time.perf_counter()
     calibrate(qmodel, loop)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     print(json.dumps({"model": spec.name, "images": args.images, "method": args.method, "quantizers": sum(
         1 for m in qmodel.modules() if m.__class__.__name__ == "TensorQuantizer"), "seconds": round(seconds, 1),
         "peak_rss_mb_before_calibration": round(before), "peak_rss_mb": round(peak)}))
