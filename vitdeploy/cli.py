@@ -45,6 +45,21 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
                                              "module paths or patterns → int8|int8-asym|fp16|fp32)")
 
 
+def add_technique_args(p: argparse.ArgumentParser) -> None:
+    from .quantize.techniques import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE, DEFAULT_SHIFT
+
+    on_off = lambda default: "on" if default else "off"
+    g = p.add_argument_group("accuracy techniques (all TensorRT-legal: symmetric Q/DQ, folded into FP32 parameters)")
+    g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
+                   help="centre each Linear input's channels before its quantizer, W·z folded into the bias "
+                        f"(default {on_off(DEFAULT_SHIFT)})")
+    g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
+                   help="SmoothQuant channel factors folded into LayerNorm γ/β and the Linears it feeds "
+                        f"(default {on_off(DEFAULT_RESCALE)})")
+    g.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"b -= (W_q - W)·E[x] on quantized layers (default {on_off(DEFAULT_BIAS_CORRECTION)})")
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
@@ -61,7 +76,7 @@ def cmd_build(args) -> int:
         model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle, input_size=args.input_size,
         mean=args.mean, std=args.std, calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed,
         plan=args.plan, workspace_mib=args.workspace, dla_core=args.dla, trt_calibrator=args.trt_calibrator,
-        max_batch=args.max_batch,
+        max_batch=args.max_batch, shift=args.shift, rescale=args.rescale, bias_correction=args.bias_correction,
         eval_data=args.eval_data, batch_size=args.batch_size)
     record = build(cfg)
     rows = [[name, size / 1e6] for name, size in record["files"].items()]
@@ -232,6 +247,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="implicit INT8 with IInt8EntropyCalibrator2 on the FP32 ONNX (TensorRT <= 10 only; "
                         "deprecated since 10.1, removed in 11: explicit Q/DQ is the default)")
     g.add_argument("--max-batch", type=int, default=8, help="largest batch of the engine's profile (default 8)")
+    add_technique_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_build)
 

@@ -41,6 +41,10 @@ class BuildConfig:
     std: Optional[Sequence[float]] = None
     calib_size: int = 512
     calib_method: str = "max"
+    # Accuracy techniques (vitdeploy/quantize/techniques.py); None = the technique's default.
+    shift: Optional[bool] = None
+    rescale: Optional[bool] = None
+    bias_correction: Optional[bool] = None
     plan: Optional[Path] = None
     seed: int = 0
     eval_data: Optional[Path] = None
@@ -72,7 +76,6 @@ def build(cfg: BuildConfig) -> dict:
     from .inventory import find_layers
     from .load import load_model
     from .plan import QUANTIZED, int8_mac_share, read_plan, role_defaults
-    from .quantize.apply import calibrate, quantize_model
     from .targets import get_target
     from .versions import versions
 
@@ -103,12 +106,15 @@ def build(cfg: BuildConfig) -> dict:
     if not target.int8:  # TX2: no INT8 on sm_62, everything runs in FP16
         precision = {name: "fp16" if p in QUANTIZED else p for name, p in precision.items()}
     quantized = [n for n, p in precision.items() if p in QUANTIZED]
-    qmodel = quantize_model(model, quantized, cfg.calib_method) if quantized else None
-    calib_seconds = _calibrate(qmodel, calib, cfg.batch_size, calibrate) if qmodel is not None else 0.0
+    qmodel, prepared, techniques, calib_seconds = _quantize(model, precision, target, calib, cfg) \
+        if quantized else (None, model, None, 0.0)
 
     out_dir = cfg.output_dir(spec)
     with atomic_folder(out_dir) as tmp:
         fp32_proto = export_fp32(model, spec, tmp / "model.fp32.onnx", opset=max(cfg.opset, DEFAULT_OPSET))
+        if prepared is not model:  # channel rescaling changed FP32 weights: Q/DQ goes into their export
+            fp32_proto = export_fp32(prepared, spec, tmp / "model.prepared.onnx", opset=max(cfg.opset, DEFAULT_OPSET))
+            (tmp / "model.prepared.onnx").unlink()
         amax = _export_int8(fp32_proto, qmodel, target, tmp) if qmodel is not None else None
         violations = _lint(tmp, target)
         verification = _verify(qmodel, model, spec, calib, tmp, cfg, fp16_int8=target.strongly_typed)
@@ -131,6 +137,7 @@ def build(cfg: BuildConfig) -> dict:
             "plan": {"source": str(cfg.plan) if cfg.plan else plan.meta.get("source"),
                      "int8_linear_mac_share": int8_mac_share(layers, precision),
                      "int8_mac_share": int8_mac_share(layers, precision, kinds=("linear", "conv", "matmul"))},
+            "techniques": techniques,
             "layers": [_layer_record(layer, precision[layer.name], qmodel, cfg) for layer in layers],
             "lint": [str(v) for v in violations],
             "verification": verification,
@@ -252,17 +259,26 @@ def _engine_or_bundle(out_dir: Path, target, spec: ModelSpec, cfg: BuildConfig) 
     return {"built": True, "command": command, "engine": "model.engine", "metadata": "model.engine.json"}
 
 
-def _calibrate(qmodel, calib, batch_size: int, calibrate) -> float:
+def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
+    """Techniques (shift, rescale, bias correction) + quantize + calibrate: (qmodel, prepared FP32 model,
+    build.json "techniques" object, seconds)."""
     import torch
+
+    from .quantize.techniques import Techniques, quantize_with_techniques
+
+    chosen = {k: v for k, v in (("shift", cfg.shift), ("rescale", cfg.rescale),
+                                ("bias_correction", cfg.bias_correction)) if v is not None}
+    techniques = dataclasses.replace(Techniques(), **chosen)
 
     def forward_loop(m):
         with torch.no_grad():
-            for x, _ in progress(calib.batches(batch_size), "calibrate", total=calib.num_batches(batch_size)):
+            for x, _ in progress(calib.batches(cfg.batch_size), "calibrate", total=calib.num_batches(cfg.batch_size)):
                 m(torch.from_numpy(x))
 
     start = time.perf_counter()
-    calibrate(qmodel, forward_loop)
-    return time.perf_counter() - start
+    qmodel, prepared, record = quantize_with_techniques(model, precision, target, forward_loop, cfg.calib_method,
+                                                        techniques)
+    return qmodel, prepared, record, time.perf_counter() - start
 
 
 def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfig, fp16_int8: bool = False) -> dict:
@@ -313,6 +329,8 @@ def _layer_record(layer, precision: str, qmodel, cfg: BuildConfig) -> dict:
     record = {**layer.to_dict(), "precision": precision}
     if precision not in ("int8", "int8-asym"):
         return record
+    from .quantize.techniques import describe_input, describe_matmul
+
     modules = dict(qmodel.named_modules())
     if layer.kind == "matmul":
         attn_path, _, matmul = layer.name.rpartition(".")
@@ -320,10 +338,12 @@ def _layer_record(layer, precision: str, qmodel, cfg: BuildConfig) -> dict:
 
         record["input_amax"] = [float(q.amax) for q in matmul_quantizers(modules[attn_path], matmul)]
         record["activations"] = "int8 symmetric, per tensor, on both inputs"
+        record.update(describe_matmul(modules[attn_path], matmul))
     else:
         record["input_amax"] = float(modules[layer.name].input_quantizer.amax)
         record["weights"] = "int8 symmetric, per output channel (max |w|)"
         record["activations"] = "int8 symmetric, per tensor"
+        record.update(describe_input(modules[layer.name]))
     record["scales_source"] = f"{cfg.calib_method} calibration"
     return record
 

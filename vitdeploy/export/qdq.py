@@ -5,6 +5,13 @@ for MatMul), not by node names, so the pass works whatever the exporter called t
 Weights become INT8 initializers with a per-output-channel DequantizeLinear (axis 0 for Conv and
 Gemm(transB=1), the last axis for MatMul's K×N); the layer's activation input gets a per-tensor
 QuantizeLinear → DequantizeLinear pair. Zero points are 0: symmetric, as TensorRT requires.
+
+Asymmetric inputs come in two forms. For ONNX Runtime (target cpu): a uint8 Q/DQ pair with a
+non-zero zero point. For TensorRT, which only runs symmetric int8: a ``Sub`` of a constant z (one
+value, or one per input channel) before the QuantizeLinear, and ``W_q·z`` folded into the layer's
+bias initializer (the MatMul's bias Add, Gemm's C, Conv's B; an Add is inserted when the layer has
+no bias), so the zero points stay 0. A layer whose bias changed for other reasons (bias
+correction) gets its new bias the same way.
 """
 from __future__ import annotations
 
@@ -26,13 +33,32 @@ class LayerQuant:
     weight: np.ndarray          # float32, PyTorch layout [out, in(, kh, kw)]
     weight_scale: np.ndarray    # float32 [out]
     input_scale: float          # float32 per-tensor
+    input_zero_point: int = 0   # non-zero only with input_unsigned
+    input_unsigned: bool = False                # uint8 Q/DQ (ONNX Runtime's asymmetric form)
+    input_shift: Optional[np.ndarray] = None    # float32 z, scalar or [in]: Sub(x, z) before the Q
+    bias: Optional[np.ndarray] = None           # float32 [out]: replaces the layer's bias in the graph
 
 
 def layer_quant_from_module(module) -> LayerQuant:
+    import torch
+
+    quantizer = module.input_quantizer
+    shift = getattr(module, "input_shift", None)
+    bias = None
+    if shift is not None or getattr(module, "bias_corrected", False):
+        with torch.no_grad():  # the very expression the fake-quant forward adds
+            weight_q = module.weight_quantizer(module.weight)
+            folded = module.folded_bias(weight_q) if hasattr(module, "folded_bias") else module.bias
+        if folded is not None:
+            bias = folded.detach().cpu().numpy().astype(np.float32)
     return LayerQuant(
         weight=module.weight.detach().cpu().numpy().astype(np.float32),
         weight_scale=module.weight_quantizer.scale.detach().cpu().numpy().astype(np.float32).reshape(-1),
-        input_scale=np.float32(module.input_quantizer.scale.detach().cpu().reshape(-1)[0]),
+        input_scale=np.float32(quantizer.scale.detach().cpu().reshape(-1)[0]),
+        input_zero_point=int(quantizer.zero_point) if getattr(quantizer, "unsigned", False) else 0,
+        input_unsigned=bool(getattr(quantizer, "unsigned", False)),
+        input_shift=None if shift is None else shift.detach().cpu().numpy().astype(np.float32),
+        bias=bias,
     )
 
 
@@ -49,6 +75,7 @@ class AttentionQuant:
 
     qk: Optional[Tuple[float, float]]       # (q scale, k scale)
     av: Optional[Tuple[float, float]]       # (softmax-output scale, v scale)
+    softmax_zero_point: Optional[int] = None  # uint8 softmax output with this zero point (cpu only)
 
 
 def attention_quant_from_module(module) -> AttentionQuant:
@@ -57,8 +84,10 @@ def attention_quant_from_module(module) -> AttentionQuant:
             return None
         return tuple(float(q.scale) for q in quantizers)
 
+    softmax = module.softmax_quantizer
     return AttentionQuant(qk=scales(module.q_quantizer, module.k_quantizer),
-                          av=scales(module.softmax_quantizer, module.v_quantizer))
+                          av=scales(module.softmax_quantizer, module.v_quantizer),
+                          softmax_zero_point=softmax.zero_point if getattr(softmax, "unsigned", False) else None)
 
 
 def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
@@ -69,9 +98,14 @@ def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
         matches = _find_consumers(editor.graph, editor.fingerprints, lq.weight)
         if not matches:
             raise ExportError(f"layer {name}: its weights were not found in the exported graph")
+        if lq.bias is not None and len(matches) > 1:
+            raise ExportError(f"layer {name}: its weights are shared by {len(matches)} nodes; cannot give it its own bias")
         for index, node, weight_input, layout in matches:
             editor.quantize_weight(index, node, weight_input, {"oi": 0, "io": 1}[layout], lq.weight_scale, name)
-            editor.quantize_input(index, node, 0, lq.input_scale, f"{name}.input")
+            editor.quantize_input(index, node, 0, lq.input_scale, f"{name}.input", zero_point=lq.input_zero_point,
+                                  unsigned=lq.input_unsigned, shift=lq.input_shift)
+            if lq.bias is not None:
+                editor.set_bias(index, node, lq.bias, name)
     attentions = {k: v for k, v in (attentions or {}).items() if v.qk or v.av}
     if attentions:
         patterns = find_attention_patterns(editor.graph)
@@ -84,7 +118,9 @@ def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
                 editor.quantize_input(mm1, nodes[mm1], 0, aq.qk[0], f"{name}.q")
                 editor.quantize_input(mm1, nodes[mm1], 1, aq.qk[1], f"{name}.k")
             if aq.av:
-                editor.quantize_input(mm2, nodes[mm2], 0, aq.av[0], f"{name}.softmax")
+                unsigned = aq.softmax_zero_point is not None
+                editor.quantize_input(mm2, nodes[mm2], 0, aq.av[0], f"{name}.softmax",
+                                      zero_point=aq.softmax_zero_point or 0, unsigned=unsigned)
                 editor.quantize_input(mm2, nodes[mm2], 1, aq.av[1], f"{name}.v")
     return editor.finish()
 
@@ -152,6 +188,7 @@ class _Editor:
         self.inits = {init.name: init for init in self.graph.initializer}
         self.fingerprints = _fingerprints(self.graph)
         self.before: Dict[int, List[onnx.NodeProto]] = {}
+        self.after: Dict[int, List[onnx.NodeProto]] = {}
         self.replaced: set = set()
 
     def _constant(self, name: str, array: np.ndarray) -> str:
@@ -172,11 +209,22 @@ class _Editor:
             "DequantizeLinear", [q, s, z], [out], name=f"{base}/weight_quantizer/DequantizeLinear", axis=axis))
         node.input[input_index] = out
 
-    def quantize_input(self, index: int, node, input_index: int, scale: float, base: str) -> None:
-        """Per-tensor symmetric Q → DQ on one input of one node."""
+    def quantize_input(self, index: int, node, input_index: int, scale: float, base: str, zero_point: int = 0,
+                       unsigned: bool = False, shift: Optional[np.ndarray] = None) -> None:
+        """Per-tensor Q → DQ on one input of one node: int8 with zero point 0, or uint8 with ``zero_point``.
+
+        With ``shift``: ``Sub(x, shift)`` first (the caller folds the shift into the bias).
+        """
+        if not unsigned and zero_point != 0:
+            raise ExportError(f"{base}: a non-zero zero point needs uint8 (asymmetric) quantization")
         s = self._constant(f"{base}_scale", np.array(scale, dtype=np.float32))
-        z = self._constant(f"{base}_zero_point", np.array(0, dtype=np.int8))
+        z = self._constant(f"{base}_zero_point", np.array(zero_point, dtype=np.uint8 if unsigned else np.int8))
         source = node.input[input_index]
+        if shift is not None:
+            shift_name = self._constant(f"{base}_shift", np.asarray(shift, dtype=np.float32))
+            self.before.setdefault(index, []).append(helper.make_node(
+                "Sub", [source, shift_name], [f"{base}_shifted"], name=f"{base}_shift/Sub"))
+            source = f"{base}_shifted"
         self.before.setdefault(index, []).extend([
             helper.make_node("QuantizeLinear", [source, s, z], [f"{base}_q"], name=f"{base}_quantizer/QuantizeLinear"),
             helper.make_node("DequantizeLinear", [f"{base}_q", s, z], [f"{base}_dq"],
@@ -184,8 +232,36 @@ class _Editor:
         ])
         node.input[input_index] = f"{base}_dq"
 
+    def set_bias(self, index: int, node, bias: np.ndarray, base: str) -> None:
+        """Make ``bias`` the bias of the layer computed by ``node`` (MatMul [+ Add], Gemm or Conv)."""
+        name = self._constant(f"{base}.bias_folded", np.asarray(bias, dtype=np.float32).reshape(-1))
+        if node.op_type in ("Gemm", "Conv"):
+            if len(node.input) > 2 and node.input[2]:
+                self.replaced.add(node.input[2])
+                node.input[2] = name
+            else:
+                while len(node.input) < 2:
+                    node.input.append("")
+                node.input.append(name)
+            return
+        users = [n for n in self.graph.node if node.output[0] in n.input]
+        if len(users) == 1 and users[0].op_type == "Add":
+            add = users[0]
+            other = [i for i, t in enumerate(add.input) if t != node.output[0]]
+            if len(other) == 1 and add.input[other[0]] in self.inits:
+                old = numpy_helper.to_array(self.inits[add.input[other[0]]])
+                if old.size == bias.size:  # the Linear's own bias Add
+                    self.replaced.add(add.input[other[0]])
+                    add.input[other[0]] = name
+                    return
+        # No bias Add after the MatMul (a Linear without bias): add one.
+        out = node.output[0]
+        node.output[0] = f"{base}/MatMul_output"
+        self.after.setdefault(index, []).append(helper.make_node(
+            "Add", [node.output[0], name], [out], name=f"{base}/bias/Add"))
+
     def finish(self) -> onnx.ModelProto:
-        _rebuild_node_list(self.graph, self.before)
+        _rebuild_node_list(self.graph, self.before, self.after)
         _drop_unused_initializers(self.graph, self.replaced)
         return self.model
 
@@ -227,11 +303,13 @@ def _find_consumers(graph, by_fingerprint, weight: np.ndarray):
     return found
 
 
-def _rebuild_node_list(graph, new_nodes: Dict[int, List[onnx.NodeProto]]) -> None:
+def _rebuild_node_list(graph, new_nodes: Dict[int, List[onnx.NodeProto]],
+                       after: Optional[Dict[int, List[onnx.NodeProto]]] = None) -> None:
     nodes = []
     for i, node in enumerate(graph.node):
         nodes.extend(new_nodes.get(i, []))
         nodes.append(node)
+        nodes.extend((after or {}).get(i, []))
     del graph.node[:]
     graph.node.extend(nodes)
 

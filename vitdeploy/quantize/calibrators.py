@@ -30,6 +30,7 @@ from vitdeploy.errors import InputError
 __all__ = [
     "Calibrator",
     "MaxCalibrator",
+    "MinMaxCalibrator",
     "HistogramCalibrator",
     "make_calibrator",
     "entropy_divergences",
@@ -203,6 +204,70 @@ class MaxCalibrator(Calibrator):
 
     def __repr__(self) -> str:
         return f"MaxCalibrator(axis={self.axis})"
+
+
+# --------------------------------------------------------------------------------------------
+# Min/max calibrator (asymmetric ranges)
+# --------------------------------------------------------------------------------------------
+
+
+class MinMaxCalibrator(Calibrator):
+    """Running minimum and maximum of ``x`` (signed), per tensor or per channel along ``axis``.
+
+    What asymmetric quantization needs: a zero point (ONNX Runtime) or a shift (TensorRT) places
+    the quantization grid on ``[min, max]`` instead of ``[-max|x|, max|x|]``. ``compute_amax``
+    keeps the calibrator protocol (``max(|min|, |max|)``); ``compute_range`` gives both ends.
+    Not a ``--calib-method``: the asymmetric quantizers and the shift use it directly.
+    """
+
+    def __init__(self, axis: Optional[int] = None) -> None:
+        if axis is not None and not isinstance(axis, int):
+            raise InputError(f"axis must be an int or None, got {axis!r}")
+        self.axis = axis
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the running range."""
+        self._min: Optional[torch.Tensor] = None
+        self._max: Optional[torch.Tensor] = None
+
+    def collect(self, x: torch.Tensor) -> None:
+        """Update the running min and max with one batch."""
+        x = _as_float_tensor(x)
+        if self.axis is None:
+            lo, hi = torch.aminmax(x)
+        else:
+            if not -x.dim() <= self.axis < x.dim():
+                raise InputError(f"axis {self.axis} is out of range for a {x.dim()}-D tensor")
+            axis = self.axis % x.dim()
+            flat = x.movedim(axis, -1).reshape(-1, x.shape[axis])
+            lo, hi = torch.aminmax(flat, dim=0)
+        _check_finite(float(lo.min()) + float(hi.max()), "calibration batch")
+        lo, hi = lo.to("cpu", torch.float32), hi.to("cpu", torch.float32)
+        if self._min is None:
+            self._min, self._max = lo.clone(), hi.clone()
+        elif self._min.shape != lo.shape:
+            raise InputError(
+                f"per-channel calibration along axis {self.axis}: got {lo.numel()} "
+                f"channels, earlier batches had {self._min.numel()}"
+            )
+        else:
+            torch.minimum(self._min, lo, out=self._min)
+            torch.maximum(self._max, hi, out=self._max)
+
+    def compute_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(min, max)`` seen so far: 0-d tensors, or 1-D per channel (float32, on CPU)."""
+        if self._min is None:
+            raise _no_data_error("MinMaxCalibrator")
+        return self._min.clone(), self._max.clone()
+
+    def compute_amax(self) -> torch.Tensor:
+        """``max(|min|, |max|)``, floored at :data:`MIN_AMAX`: the symmetric amax of the same data."""
+        lo, hi = self.compute_range()
+        return torch.maximum(lo.abs(), hi.abs()).clamp(min=MIN_AMAX)
+
+    def __repr__(self) -> str:
+        return f"MinMaxCalibrator(axis={self.axis})"
 
 
 # --------------------------------------------------------------------------------------------

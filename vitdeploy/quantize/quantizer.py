@@ -1,10 +1,14 @@
-"""The fake-quantizer module: symmetric INT8 with explicit modes and its amax in a buffer.
+"""The fake-quantizer module: symmetric INT8 (or asymmetric UINT8) with explicit modes, its range in buffers.
 
 Modes (ModelOpt's TensorQuantizer has the same switches): ``calibrating`` collects statistics and
 passes values through; ``enabled`` with an amax fake-quantizes; ``enabled = False`` is identity (a
 layer the plan keeps in floating point).
 Rounding is half-to-even and the integer range is [-128, 127], exactly as ONNX QuantizeLinear does,
 so the PyTorch model and the exported QDQ graph compute the same numbers.
+
+``unsigned=True`` is asymmetric quantization (ONNX Runtime only; TensorRT takes none): codes
+[0, 2^bits - 1] with a zero point, calibrated with the running min and max of the data. The
+range always contains 0, so a zero stays exactly zero, as ONNX Runtime's own quantizer does.
 """
 from __future__ import annotations
 
@@ -13,11 +17,21 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .calibrators import make_calibrator
+from .calibrators import MinMaxCalibrator, make_calibrator
 
 
 def int_range(num_bits: int):
     return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+
+
+def uint_range(num_bits: int):
+    return 0, 2 ** num_bits - 1
+
+
+def fake_quantize_unsigned(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, num_bits: int = 8):
+    """QuantizeLinear → DequantizeLinear with a uint zero point: ((clamp(round(x/s) + z, 0, 2^b-1)) - z)·s."""
+    qmin, qmax = uint_range(num_bits)
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, num_bits: int = 8, axis: Optional[int] = None) -> torch.Tensor:
@@ -30,31 +44,56 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, num_bits: int = 8, axis:
 
 
 class TensorQuantizer(nn.Module):
-    """Symmetric quantizer: per-tensor (``axis=None``) or per-channel along ``axis``."""
+    """Symmetric quantizer: per-tensor (``axis=None``) or per-channel along ``axis``.
 
-    def __init__(self, num_bits: int = 8, axis: Optional[int] = None, calib_method: str = "max", **calib_kwargs):
+    With ``unsigned=True`` (per-tensor only): asymmetric, codes [0, 2^bits - 1] and a zero point.
+    """
+
+    def __init__(self, num_bits: int = 8, axis: Optional[int] = None, calib_method: str = "max",
+                 unsigned: bool = False, **calib_kwargs):
         super().__init__()
+        if unsigned and axis is not None:
+            raise ValueError("asymmetric (unsigned) quantization is per-tensor only")
         self.num_bits = num_bits
         self.axis = axis
         self.calib_method = calib_method
         self.calib_kwargs = dict(calib_kwargs)
+        self.unsigned = unsigned
         self.enabled = True
         self.calibrating = False
         self.register_buffer("amax", None)
+        self.register_buffer("range_min", None)   # unsigned mode: the calibrated [min, max]
+        self.register_buffer("range_max", None)
         self._calibrator = None
 
     # -- modes ---------------------------------------------------------------------------------
     def enable_calib(self) -> None:
-        self._calibrator = make_calibrator(self.calib_method, axis=self.axis, **self.calib_kwargs)
+        if self.unsigned:
+            self._calibrator = MinMaxCalibrator(axis=None)  # a zero point needs both ends of the range
+        else:
+            self._calibrator = make_calibrator(self.calib_method, axis=self.axis, **self.calib_kwargs)
         self.calibrating = True
 
     def load_calib_amax(self) -> None:
-        """Finish calibration: amax from the collected statistics, then quantize from now on."""
+        """Finish calibration: amax (or min/max) from the collected statistics, then quantize from now on."""
         if self._calibrator is None:
             raise RuntimeError("load_calib_amax() called before enable_calib()")
-        self.set_amax(self._calibrator.compute_amax())
+        if self.unsigned:
+            self.set_range(*self._calibrator.compute_range())
+        else:
+            self.set_amax(self._calibrator.compute_amax())
         self._calibrator = None
         self.calibrating = False
+
+    def set_range(self, lo, hi) -> None:
+        """Unsigned mode: the range [lo, hi] (widened to contain 0) the codes 0 .. 2^bits - 1 cover."""
+        if not self.unsigned:
+            raise RuntimeError("set_range() is for unsigned (asymmetric) quantizers; use set_amax()")
+        lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32).detach().clone(), max=0.0)
+        hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32).detach().clone(), min=0.0)
+        hi = torch.maximum(hi, lo + torch.finfo(torch.float32).tiny * 2 ** 24 * self.qmax)  # scale > 0
+        self.range_min, self.range_max = lo, hi
+        self.amax = torch.maximum(lo.abs(), hi.abs())  # for records: the symmetric amax of the same range
 
     def set_amax(self, amax) -> None:
         amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
@@ -64,14 +103,24 @@ class TensorQuantizer(nn.Module):
     # -- values --------------------------------------------------------------------------------
     @property
     def qmax(self) -> int:
-        return int_range(self.num_bits)[1]
+        return (uint_range if self.unsigned else int_range)(self.num_bits)[1]
 
     @property
     def scale(self) -> torch.Tensor:
-        """amax / qmax in float32: the exact value written into the ONNX scale initializer."""
+        """amax / qmax (unsigned: (max - min) / qmax) in float32: the value written into the ONNX scale."""
         if self.amax is None:
             raise RuntimeError("quantizer has no amax: calibrate first")
+        if self.unsigned:
+            return ((self.range_max - self.range_min) / self.qmax).to(torch.float32)
         return (self.amax / self.qmax).to(torch.float32)
+
+    @property
+    def zero_point(self) -> int:
+        """The integer zero point: 0 when symmetric; round(-min / scale) when unsigned."""
+        if not self.unsigned:
+            return 0
+        scale = self.scale
+        return int(torch.clamp(torch.round(-self.range_min / scale), 0, self.qmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
@@ -79,6 +128,8 @@ class TensorQuantizer(nn.Module):
             return x
         if not self.enabled or self.amax is None:
             return x
+        if self.unsigned:
+            return fake_quantize_unsigned(x, self.scale, torch.tensor(float(self.zero_point)), self.num_bits)
         return fake_quantize(x, self.scale, self.num_bits, self.axis)
 
     def extra_repr(self) -> str:
@@ -86,4 +137,7 @@ class TensorQuantizer(nn.Module):
         amax = "none" if self.amax is None else (f"{float(self.amax):.4g}" if self.amax.numel() == 1
                                                   else f"[{self.amax.numel()} channels]")
         axis = "per-tensor" if self.axis is None else f"axis={self.axis}"
+        if self.unsigned and self.range_min is not None:
+            return (f"uint{self.num_bits} {axis} minmax range=[{float(self.range_min):.4g}, "
+                    f"{float(self.range_max):.4g}] zero_point={self.zero_point} {state}")
         return f"int{self.num_bits} {axis} {self.calib_method} amax={amax} {state}"

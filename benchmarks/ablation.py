@@ -1,0 +1,152 @@
+"""Ablation of the accuracy techniques (shift, rescale, bias correction) on the two real ViTs.
+
+    python benchmarks/ablation.py [--images 5000] [--calib-size 512] [--models cifar10_vit mnist_vit]
+
+For each model, two settings, each evaluated on the PyTorch fake-quant model (which the QDQ ONNX
+reproduces, see the build's verification), with `max` calibration on 512 images:
+
+(a) the hardest deployable INT8 plan: every Linear/Conv and both attention matmuls INT8
+    (plan ``{"default": "int8", "layers": {}}``);
+(b) simulated W4A4: 4-bit per-output-channel weights and 4-bit per-tensor activations on every
+    Linear layer, the rest FP32 -- the reference configuration (plain min/max W4A4 of the Linear
+    layers of cifar10_vit: 82.9 % agreement). PyTorch only, no ONNX: the exporter is INT8.
+    ``--w4a4-layers all`` also puts the patch-embedding Conv and the attention matmuls (softmax
+    output included) at 4 bits: a 4-bit softmax then dominates and none of the techniques apply
+    to it on TensorRT (see vitdeploy/quantize/techniques.py).
+
+Rows: plain, +shift, +rescale, +bias-correction (each alone) and all three, as built for a
+TensorRT target (symmetric Q/DQ); in (a), for models with quantized attention, one more row: all
+three plus the cpu target's int8-asym softmax output (uint8, zero point 0), which TensorRT cannot run. Columns: top-1, agreement (%) with the FP32 model's predictions
+and the mean KL(FP32 ‖ quantized) of the output distributions (noise-free where agreement moves
+by a few images). cifar10_vit: calibration from train_10k.npz, evaluation on the first --images
+test.npz images; mnist_vit: calibration from t10k images 5000–9999, evaluation on 0–4999.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.integration.shared_data import SHARED, import_model_file, mnist_npz  # noqa: E402
+from vitdeploy.data import load_images  # noqa: E402
+from vitdeploy.inventory import find_layers  # noqa: E402
+from vitdeploy.load import load_model  # noqa: E402
+from vitdeploy.plan import PrecisionPlan  # noqa: E402
+from vitdeploy.quantize.techniques import Techniques, quantize_with_techniques  # noqa: E402
+from vitdeploy.report import table  # noqa: E402
+
+VARIANTS = {
+    "plain": Techniques.none(),
+    "+shift": Techniques(shift=True, rescale=False, bias_correction=False),
+    "+rescale": Techniques(shift=False, rescale=True, bias_correction=False),
+    "+bias-correction": Techniques(shift=False, rescale=False, bias_correction=True),
+    "all": Techniques.all(),
+}
+W4A4 = {"weights": 4, "activations": 4}
+
+
+def load(name: str, work: Path, images: int, calib_size: int):
+    """(model, spec, calibration tensor, evaluation tensor, labels)."""
+    if name == "cifar10_vit":
+        module = import_model_file(SHARED / "cifar10_vit" / "model.py", "cifar10_vit_model")
+        torch.save(module.build(), work / "cifar10_vit.pt")
+        model, spec = load_model(work / "cifar10_vit.pt", trust_pickle=True, mean=[0.5], std=[0.5])
+        calib = load_images(SHARED / "cifar10" / "train_10k.npz", spec)
+        data = load_images(SHARED / "cifar10" / "test.npz", spec, require_labels=True)
+    else:
+        paths = mnist_npz(work)
+        model, spec = load_model(SHARED / "mnist_vit" / "vit_mnist.pt", f"{SHARED / 'mnist_vit' / 'model.py'}:ViT",
+                                 input_size=[1, 28, 28], mean=[0.1307], std=[0.3081])
+        calib = load_images(paths["calib"], spec)
+        data = load_images(paths["eval"], spec, require_labels=True)
+    data = data.subset(range(min(images, len(data))))
+    calib = calib.sample(calib_size, 0)
+    as_tensor = lambda s: torch.from_numpy(np.concatenate([x for x, _ in s.batches(256)]))
+    return model, spec, as_tensor(calib), as_tensor(data), torch.from_numpy(np.asarray(data.labels))
+
+
+def logits(model, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def run_model(name: str, args, work: Path) -> list:
+    model, spec, calib, x, y = load(name, work, args.images, args.calib_size)
+    layers = find_layers(model, spec)
+    int8 = PrecisionPlan(default="int8", layers={}).resolve(layer.name for layer in layers)
+    w4a4 = int8 if args.w4a4_layers == "all" else \
+        {layer.name: "int8" if layer.kind == "linear" else "fp32" for layer in layers}
+    settings = {"(a) INT8, all layers": (int8, None),
+                f"(b) W4A4 {'all layers' if args.w4a4_layers == 'all' else 'Linear layers'}": (w4a4, W4A4)}
+    reference = logits(model, x)
+    fp32 = reference.argmax(1)
+    log_p = torch.log_softmax(reference, 1)
+    rows = [[name, "FP32", "", round(float((fp32 == y).float().mean() * 100), 2), 100.0, 0.0]]
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for i in range(0, len(calib), 64):
+                m(calib[i:i + 64])
+
+    for setting, (precision, bits) in settings.items():
+        for variant, techniques in VARIANTS.items():
+            start = time.perf_counter()
+            qmodel, _, _ = quantize_with_techniques(model, precision, args.target, forward_loop, "max",
+                                                    techniques, num_bits=bits)
+            out = logits(qmodel, x)
+            pred = out.argmax(1)
+            top1 = float((pred == y).float().mean() * 100)
+            agree = float((pred == fp32).float().mean() * 100)
+            kl = float((log_p.exp() * (log_p - torch.log_softmax(out, 1))).sum(1).mean())
+            rows.append([name, setting, variant, round(top1, 2), round(agree, 2), round(kl * 1e3, 3)])
+            print(f"  {name} {setting} {variant}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL {kl:.2e} "
+                  f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+        if bits is None and any(n.endswith("matmul_av") for n in precision):
+            # Not TensorRT-legal, for comparison: what the cpu target's int8-asym softmax (uint8) adds.
+            asym = {n: "int8-asym" if n.endswith("matmul_av") else p for n, p in precision.items()}
+            qmodel, _, _ = quantize_with_techniques(model, asym, "cpu", forward_loop, "max", VARIANTS["all"])
+            out = logits(qmodel, x)
+            rows.append([name, setting, "all + uint8 softmax (cpu)", round(float((out.argmax(1) == y).float().mean() * 100), 2),
+                         round(float((out.argmax(1) == fp32).float().mean() * 100), 2),
+                         round(float((log_p.exp() * (log_p - torch.log_softmax(out, 1))).sum(1).mean()) * 1e3, 3)])
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["cifar10_vit", "mnist_vit"])
+    parser.add_argument("--images", type=int, default=5000, help="evaluation images (default 5000)")
+    parser.add_argument("--calib-size", type=int, default=512)
+    parser.add_argument("--w4a4-layers", choices=["linear", "all"], default="linear",
+                        help="setting (b): 4 bits on the Linear layers (default, the reference) or on every layer")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: torch's; use 1 on a busy machine, where more run slower)")
+    parser.add_argument("--target", default="jetson-orin",
+                        help="target the techniques are built for (default jetson-orin: TensorRT's symmetric rules)")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        print(f"no real assets at {SHARED}", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vitdeploy-ablation-") as work:
+        for name in args.models:
+            rows += run_model(name, args, Path(work))
+    print(table(["model", "setting", "techniques", "top-1 %", "agreement with FP32 %", "KL ×1e3"], rows))
+    print(f"\n{time.perf_counter() - started:.0f} s; max calibration on {args.calib_size} images; "
+          f"PyTorch fake-quant evaluation.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

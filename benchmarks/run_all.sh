@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every number in the README's results, in one sequential run (about 15-20 minutes on 2 cores).
+# Needs ../shared/data for the real models. Logs go to ${1:-bench-logs}/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench-logs}
+mkdir -p "$out"
+py=${PYTHON:-.venv/bin/python}
+run() { local name=$1; shift; echo "== $name: $*"; "$@" > "$out/$name.log" 2> "$out/$name.err"; tail -n 12 "$out/$name.log"; }
+run real_models   "$py" benchmarks/real_models.py --out "$out/builds"
+# The design's table for cifar10_vit: top-1, size, latency percentiles, memory, ratios vs FP32.
+run bench_cifar   .venv/bin/vitdeploy bench "$out/builds/cifar10_vit" --data ../shared/data/cifar10/test.npz \
+                  --batch 1,8 --threads 2 --runs 200 --png "$out/bench_cifar10_vit.png"
+# Entropy calibration's speed (build.json: inputs.calibration.seconds) and accuracy, same 512 images.
+run real_models_entropy "$py" benchmarks/real_models.py --calib-method entropy --out "$out/builds_entropy"
+run compare_cifar "$py" benchmarks/compare_ort.py --model cifar10_vit
+run compare_mnist "$py" benchmarks/compare_ort.py --model mnist_vit
+run ablation      "$py" benchmarks/ablation.py
+run cpu_speed     "$py" benchmarks/cpu_speed.py
+run calib_memory  "$py" benchmarks/calib_memory.py --method entropy
+run demo          .venv/bin/vitdeploy demo --out "$out/demo"
