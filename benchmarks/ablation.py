@@ -16,9 +16,10 @@ reproduces, see the build's verification), with `max` calibration on 512 images:
 
 Rows: plain, +shift, +rescale, +bias-correction (each alone) and all three, as built for a
 TensorRT target (symmetric Q/DQ); in (a), for models with quantized attention, one more row: all
-three plus the cpu target's int8-asym softmax output (uint8, zero point 0), which TensorRT cannot run. Columns: top-1, agreement (%) with the FP32 model's predictions
-and the mean KL(FP32 ‖ quantized) of the output distributions (noise-free where agreement moves
-by a few images). cifar10_vit: calibration from train_10k.npz, evaluation on the first --images
+three plus the cpu target's int8-asym softmax output (uint8, zero point 0), which TensorRT cannot
+run. Columns: top-1, agreement (%) with the FP32 model's predictions and the mean
+KL(FP32 ‖ quantized) of the output distributions (noise-free where agreement moves by a few
+images). Takes about 3 minutes on 2 idle cores. cifar10_vit: calibration from train_10k.npz, evaluation on the first --images
 test.npz images; mnist_vit: calibration from t10k images 5000–9999, evaluation on 0–4999.
 """
 from __future__ import annotations
@@ -113,7 +114,8 @@ def run_model(name: str, args, work: Path) -> list:
             asym = {n: "int8-asym" if n.endswith("matmul_av") else p for n, p in precision.items()}
             qmodel, _, _ = quantize_with_techniques(model, asym, "cpu", forward_loop, "max", VARIANTS["all"])
             out = logits(qmodel, x)
-            rows.append([name, setting, "all + uint8 softmax (cpu)", round(float((out.argmax(1) == y).float().mean() * 100), 2),
+            rows.append([name, setting, "all + uint8 softmax (cpu)",
+                         round(float((out.argmax(1) == y).float().mean() * 100), 2),
                          round(float((out.argmax(1) == fp32).float().mean() * 100), 2),
                          round(float((log_p.exp() * (log_p - torch.log_softmax(out, 1))).sum(1).mean()) * 1e3, 3)])
     return rows

@@ -32,7 +32,8 @@ def real_models(tmp_path_factory):
     torch.save(module.build(), folder / "cifar10_vit.pt")
     cifar, cifar_spec = load_model(folder / "cifar10_vit.pt", trust_pickle=True, mean=[0.5], std=[0.5])
     paths = mnist_npz(folder)
-    mnist, mnist_spec = load_model(shared_path("mnist_vit", "vit_mnist.pt"), f"{shared_path('mnist_vit', 'model.py')}:ViT",
+    mnist, mnist_spec = load_model(shared_path("mnist_vit", "vit_mnist.pt"),
+                                   f"{shared_path('mnist_vit', 'model.py')}:ViT",
                                    input_size=[1, 28, 28], mean=[0.1307], std=[0.3081])
     tensors = lambda images: torch.from_numpy(np.concatenate([x for x, _ in images.batches(256)]))
     return {
@@ -86,9 +87,9 @@ def test_bias_correction_keeps_the_mean_output_on_real_images(real_models, name,
     from vitdeploy.quantize.techniques import Techniques, quantize_with_techniques
 
     model, spec, calib, _, _ = real_models[name]
+    only_bias_correction = Techniques(shift=False, rescale=False, bias_correction=True)
     qmodel, _, record = quantize_with_techniques(model, {layer: "int8"}, "jetson-orin", _loop(calib),
-                                                 num_bits={"weights": 4},
-                                                 techniques=Techniques(shift=False, rescale=False, bias_correction=True))
+                                                 num_bits={"weights": 4}, techniques=only_bias_correction)
     assert record["bias_correction"]["layers"] == [layer]
     original, quantized = model.get_submodule(layer), qmodel.get_submodule(layer)
     inputs = []

@@ -147,6 +147,22 @@ def test_shift_fold_is_exact_without_quantization_and_centres_the_input(mode):
         assert _rel(qmodel(data), model(data)) < 1e-5   # W(x - z) + (b + W z) == W x + b
 
 
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_shift_with_a_histogram_method_calibrates_the_shifted_input(method):
+    """A second pass calibrates x - z; the result clips no more than the max method's amax allows."""
+    model = Tiny().eval()
+    data = _data()
+    names = ["blocks.0.fc2", "blocks.1.fc2"]
+    qmodel = quantize_model(model, names, method, input_modes={n: "shift-channel" for n in names})
+    calibrate(qmodel, _loop(data))
+    reference = quantize_model(model, names, input_modes={n: "shift-channel" for n in names})
+    calibrate(reference, _loop(data))
+    for name in names:
+        got, by_max = qmodel.get_submodule(name), reference.get_submodule(name)
+        assert 0 < float(got.input_quantizer.amax) <= float(by_max.input_quantizer.amax) * 1.01
+        assert got.input_shift is not None and not got.input_quantizer.calibrating
+
+
 def test_shift_layer_computes_asymmetric_quantization():
     """y = W_q·q(x - z) + (b + W_q·z): the quantized input is q(x - z) + z, the grid centred on the data."""
     layer = nn.Linear(8, 4)
@@ -165,7 +181,8 @@ def test_input_modes_per_target():
     precision = {"blocks.0.fc_a": "int8", "blocks.0.fc1": "int8-asym"}
     off, on = Techniques.none(), Techniques(shift=True, rescale=False, bias_correction=False)
     assert input_modes(model, precision, "cpu", off) == {"blocks.0.fc_a": "int8", "blocks.0.fc1": "uint8"}
-    assert input_modes(model, precision, "jetson-orin", off) == {"blocks.0.fc_a": "int8", "blocks.0.fc1": "shift-tensor"}
+    assert input_modes(model, precision, "jetson-orin", off) == {"blocks.0.fc_a": "int8",
+                                                                  "blocks.0.fc1": "shift-tensor"}
     assert input_modes(model, precision, "jetson-orin", on) == {"blocks.0.fc_a": "shift-channel",
                                                                  "blocks.0.fc1": "shift-channel"}
     assert input_modes(model, precision, "cpu", on)["blocks.0.fc1"] == "uint8+shift-channel"
@@ -257,7 +274,8 @@ def test_bias_correction_restores_the_mean_output():
 def _build(tiny_vit, calib_npz, out, **kw):
     from vitdeploy.pipeline import BuildConfig, build
 
-    return build(BuildConfig(model=tiny_vit.state_dict, calib=calib_npz, arch=tiny_vit.arch, model_kwargs=tiny_vit.kwargs,
+    return build(BuildConfig(model=tiny_vit.state_dict, calib=calib_npz, arch=tiny_vit.arch,
+                             model_kwargs=tiny_vit.kwargs,
                              out=out, calib_size=16, verify_images=16, **kw))
 
 
@@ -303,7 +321,7 @@ def test_all_techniques_build_reproduces_pytorch_and_is_recorded(tiny_vit, calib
     record = _build(tiny_vit, calib_npz, tmp_path / target, target=target, shift=True, rescale=True,
                     bias_correction=True)
     techniques = record["techniques"]
-    assert techniques["shift"]["enabled"] and techniques["rescale"]["enabled"] and techniques["bias_correction"]["enabled"]
+    assert all(techniques[k]["enabled"] for k in ("shift", "rescale", "bias_correction"))
     assert len(techniques["rescale"]["groups"]) == 4
     assert set(techniques["bias_correction"]["layers"]) == {"blocks.0.attn.qkv", "blocks.0.attn.proj",
                                                             "blocks.0.mlp.fc1", "blocks.0.mlp.fc2",

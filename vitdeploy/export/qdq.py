@@ -99,7 +99,8 @@ def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
         if not matches:
             raise ExportError(f"layer {name}: its weights were not found in the exported graph")
         if lq.bias is not None and len(matches) > 1:
-            raise ExportError(f"layer {name}: its weights are shared by {len(matches)} nodes; cannot give it its own bias")
+            raise ExportError(f"layer {name}: its weights are shared by {len(matches)} nodes; "
+                              "cannot give it its own bias")
         for index, node, weight_input, layout in matches:
             editor.quantize_weight(index, node, weight_input, {"oi": 0, "io": 1}[layout], lq.weight_scale, name)
             editor.quantize_input(index, node, 0, lq.input_scale, f"{name}.input", zero_point=lq.input_zero_point,

@@ -96,6 +96,10 @@ class TensorQuantizer(nn.Module):
         self.amax = torch.maximum(lo.abs(), hi.abs())  # for records: the symmetric amax of the same range
 
     def set_amax(self, amax) -> None:
+        if self.unsigned:  # an unsigned quantizer given only an amax covers [-amax, amax]
+            amax = torch.as_tensor(amax, dtype=torch.float32)
+            self.set_range(-amax, amax)
+            return
         amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
         # A dead channel (all zeros) gets a tiny amax: scales must stay > 0 for ONNX and TensorRT.
         self.amax = torch.clamp(amax, min=torch.finfo(torch.float32).tiny * 2 ** 24)

@@ -28,7 +28,8 @@ and its QuantizeLinear breaks TensorRT's fused-MHA pattern. (Shifting v instead 
 since softmax rows sum to 1 -- fold -c into v's bias and W_proj·c into proj's -- but not once P is
 quantized, whose rows no longer sum to 1; measured on cifar10_vit it did not help.) So on TensorRT
 targets, int8-asym on the attention matmuls = int8. On cpu, the uint8 softmax is worth having:
-cifar10_vit, every layer INT8 + all three techniques, agreement 98.68 → 98.84 %, KL halved.
+cifar10_vit, every layer INT8 + all three techniques, agreement 98.68 → 98.84 %, KL(FP32 ‖ INT8)
+0.37e-3 → 0.16e-3 (benchmarks/ablation.py).
 """
 from __future__ import annotations
 
@@ -86,9 +87,6 @@ class Techniques:
     def all(cls) -> "Techniques":
         return cls(shift=True, rescale=True, bias_correction=True)
 
-    def defaults(self) -> dict:
-        return {"shift": DEFAULT_SHIFT, "rescale": DEFAULT_RESCALE, "bias_correction": DEFAULT_BIAS_CORRECTION}
-
 
 def _is_tensorrt(target) -> bool:
     if target is None:
@@ -101,7 +99,13 @@ def _is_tensorrt(target) -> bool:
 
 
 def input_modes(model: nn.Module, precision: Dict[str, str], target, techniques: Techniques) -> Dict[str, str]:
-    """Per quantized layer, how its input is quantized (one of apply.INPUT_MODES)."""
+    """Per quantized layer, how its input is quantized (one of apply.INPUT_MODES).
+
+    int8 Linear: shifted per channel with the shift technique, else symmetric. int8-asym Linear:
+    TensorRT → shifted (per channel with the technique, else one z per tensor); cpu → uint8 with a
+    zero point (after the per-channel shift with the technique). int8-asym Conv: uint8 on cpu,
+    symmetric on TensorRT. int8-asym matmul_av: uint8 softmax output on cpu. Everything else: int8.
+    """
     modules = dict(model.named_modules())
     trt = _is_tensorrt(target)
     modes = {}
@@ -131,17 +135,20 @@ def quantize_with_techniques(model: nn.Module, precision: Dict[str, str], target
 
     ``precision``: resolved plan (layer name → precision). Returns ``(qmodel, prepared, record)``:
     the calibrated fake-quant model, the FP32 model it was made from (``model`` itself unless
-    rescaling changed a copy of it) and the build.json "techniques" object.
+    rescaling changed a copy of it) and the build.json "techniques" object (``shift.layers``: every
+    Linear whose input is shifted, int8-asym ones on TensorRT included).
     ``num_bits`` (``{"weights": 4, "activations": 4}``) is for simulations: the QDQ export is INT8 only.
     """
     from .apply import calibrate, quantize_model
+    from .rescale import rescale_norm_linears
 
     techniques = techniques or Techniques()
     quantized = [n for n, p in precision.items() if p in ("int8", "int8-asym")]
     prepared, rescale_record = model, {"groups": {}, "skipped": {}}
     if techniques.rescale and quantized:
         prepared = copy.deepcopy(model)
-        rescale_record = rescale_norm_linears_for(prepared, forward_loop, set(quantized), techniques)
+        rescale_record = rescale_norm_linears(prepared, forward_loop, set(quantized), alpha=techniques.alpha,
+                                              centered=techniques.shift)
         if not rescale_record["groups"]:
             prepared = model
     modes = input_modes(prepared, precision, target, techniques)
@@ -157,22 +164,23 @@ def quantize_with_techniques(model: nn.Module, precision: Dict[str, str], target
                     "groups": rescale_record["groups"], "skipped": rescale_record["skipped"]},
         "bias_correction": {"enabled": techniques.bias_correction, "default": DEFAULT_BIAS_CORRECTION,
                             "layers": corrected},
-        "int8_asym": {n: _asym_form(modes[n]) for n, p in precision.items() if p == "int8-asym"},
+        "int8_asym": {n: _asym_form(n, modes[n]) for n, p in precision.items() if p == "int8-asym"},
     }
     return qmodel, prepared, record
 
 
-def _asym_form(mode: str) -> str:
-    return {"uint8": "uint8 with a zero point", "uint8+shift-channel": "per-channel shift, then uint8 with a zero point",
+def _asym_form(name: str, mode: str) -> str:
+    """How an int8-asym layer was realised, for build.json."""
+    if mode == "int8":
+        why = "no exact free fold on TensorRT" if name.rpartition(".")[2] in MATMULS else \
+            "Conv inputs are not shifted on TensorRT"
+        return f"int8 symmetric ({why})"
+    if name.endswith("matmul_av"):
+        return "softmax output uint8 (zero point 0), v int8 symmetric"
+    return {"uint8": "uint8 with a zero point",
+            "uint8+shift-channel": "per-channel shift, then uint8 with a zero point",
             "shift-tensor": "int8 after a per-tensor shift folded into the bias",
-            "shift-channel": "int8 after a per-channel shift folded into the bias",
-            "int8": "int8 symmetric (no exact fold for an asymmetric form on this target)"}[mode]
-
-
-def rescale_norm_linears_for(model: nn.Module, forward_loop, targets, techniques: Techniques) -> dict:
-    from .rescale import rescale_norm_linears
-
-    return rescale_norm_linears(model, forward_loop, targets, alpha=techniques.alpha, centered=techniques.shift)
+            "shift-channel": "int8 after a per-channel shift folded into the bias"}[mode]
 
 
 def set_num_bits(qmodel: nn.Module, weights: int = 8, activations: int = 8) -> None:
