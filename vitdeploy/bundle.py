@@ -14,10 +14,8 @@ build_engine.py, trtexec and DEPLOY.md always agree.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -28,6 +26,7 @@ from onnx import numpy_helper
 
 from .calib_cache import INT8_MAX, write_calib_cache
 from .errors import BuildError, InputError
+from .outputs import atomic_write
 from .targets import Target, get_target
 
 __all__ = [
@@ -427,29 +426,12 @@ def _precision_notes(precision: _Precision) -> List[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _replace_from_temp(path: Path, write) -> Path:
-    """Call ``write(file object)`` on a temporary file next to `path`, then rename it over `path`.
-
-    Readers (and a build interrupted half way) never see a partial file.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _write_npy(path: Path, array: np.ndarray) -> Path:
-    return _replace_from_temp(path, lambda f: np.save(f, array, allow_pickle=False))
+    return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _write_text(path: Path, text: str) -> Path:
-    return _replace_from_temp(path, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _copy_build_engine(folder: Path) -> Path:
@@ -462,4 +444,4 @@ def _copy_script(source_path: Path, target: Path) -> Path:
     if not source_path.is_file():
         raise BuildError(f"{source_path} is missing from the vitdeploy installation")
     with open(source_path, "rb") as source:
-        return _replace_from_temp(target, lambda f: shutil.copyfileobj(source, f))
+        return atomic_write(target, lambda f: shutil.copyfileobj(source, f))

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Tuple, Union
 
@@ -94,21 +93,13 @@ def write_calib_cache(
     Entries keep the mapping's order. The file is written to a temporary name in the same
     folder and then renamed over ``path``, so a reader never sees a half-written cache.
     """
+    from .outputs import atomic_write
+
     text = _format_cache(amaxes, trt_version, algorithm)
-    path = Path(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(Path(path), lambda f: f.write(text), mode="w")
     except OSError as exc:
         raise InputError(f"cannot write calibration cache {path}: {exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Leave no stray temporary file behind, whatever went wrong.
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
 
 
 def read_calib_cache(path: PathLike) -> Tuple[str, Dict[str, float]]:

@@ -213,7 +213,7 @@ def _write_records(folder: Path, record: dict) -> None:
     write_build_report(folder / "report.md", record)
 
 
-def engine_argv(folder: Path, target, spec: ModelSpec, cfg: BuildConfig) -> list:
+def engine_argv(target, spec: ModelSpec, cfg: BuildConfig) -> list:
     """build_engine.py's arguments for this build: the bundle's command plus the user's engine options."""
     from .bundle import build_engine_command
 
@@ -234,8 +234,9 @@ def _engine_or_bundle(out_dir: Path, target, spec: ModelSpec, cfg: BuildConfig) 
     import contextlib
     import importlib.util
     import os
+    import sys
 
-    argv = engine_argv(out_dir, target, spec, cfg)
+    argv = engine_argv(target, spec, cfg)
     command = "python3 build_engine.py " + " ".join(argv)
     if importlib.util.find_spec("tensorrt") is None:
         log.info("TensorRT is not installed here, so %s holds a deploy bundle: build the engine on the %s itself "
@@ -249,7 +250,7 @@ def _engine_or_bundle(out_dir: Path, target, spec: ModelSpec, cfg: BuildConfig) 
     cwd = os.getcwd()
     try:
         os.chdir(out_dir)  # the bundle's relative names (model.int8.onnx, calib.npy, ...)
-        with contextlib.redirect_stdout(__import__("sys").stderr):
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for results
             code = build_engine.main(argv)
     finally:
         os.chdir(cwd)

@@ -33,13 +33,13 @@ def test_engine_options_reach_the_engine_command():
 
     spec = ModelSpec(name="m", input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)
     cfg = BuildConfig(model="m.pt", workspace_mib=2048, dla_core=0)
-    argv = engine_argv(None, get_target("jetson-xavier"), spec, cfg)
+    argv = engine_argv(get_target("jetson-xavier"), spec, cfg)
     assert argv[0] == "model.int8.onnx" and argv[argv.index("--workspace") + 1] == "2048"
     assert argv[argv.index("--dla") + 1] == "0" and argv[argv.index("--max-batch") + 1] == "1"  # DLA: static batch 1
-    implicit = engine_argv(None, get_target("jetson-orin"), spec, BuildConfig(model="m.pt", trt_calibrator="entropy"))
+    implicit = engine_argv(get_target("jetson-orin"), spec, BuildConfig(model="m.pt", trt_calibrator="entropy"))
     assert implicit[0] == "model.fp32.onnx"        # implicit INT8 calibrates the FP32 network itself
     assert "--calib" in implicit and "calib.npy" in implicit and "calib.cache" in implicit
-    tx2 = engine_argv(None, get_target("jetson-tx2"), spec, BuildConfig(model="m.pt"))
+    tx2 = engine_argv(get_target("jetson-tx2"), spec, BuildConfig(model="m.pt"))
     assert tx2[0] == "model.fp32.onnx" and tx2[tx2.index("--precision") + 1] == "fp16"
 
 

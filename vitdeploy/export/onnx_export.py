@@ -43,9 +43,9 @@ def export_fp32(model, spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET) 
 def save_model(proto: onnx.ModelProto, path: Path) -> None:
     """Check, then write to a temporary name and rename."""
     check_model(proto, str(path))
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
+    from ..outputs import atomic_write
+
+    atomic_write(Path(path), lambda f: f.write(proto.SerializeToString()))
 
 
 def check_model(proto: onnx.ModelProto, what: str) -> None:
