@@ -2,25 +2,22 @@
 
     python benchmarks/ablation.py [--images 5000] [--calib-size 512] [--models cifar10_vit mnist_vit]
 
-For each model, two settings, each evaluated on the PyTorch fake-quant model (which the QDQ ONNX
-reproduces, see the build's verification), with `max` calibration on 512 images:
+For each model, three settings, each evaluated on the PyTorch fake-quant model (which the QDQ
+ONNX reproduces, see the build's verification), with `max` calibration on 512 images:
 
 (a) the hardest deployable INT8 plan: every Linear/Conv and both attention matmuls INT8
     (plan ``{"default": "int8", "layers": {}}``);
-(b) simulated W4A4: 4-bit per-output-channel weights and 4-bit per-tensor activations on every
-    Linear layer, the rest FP32 -- the reference configuration (plain min/max W4A4 of the Linear
-    layers of cifar10_vit: 82.9 % agreement). PyTorch only, no ONNX: the exporter is INT8.
-    ``--w4a4-layers all`` also puts the patch-embedding Conv and the attention matmuls (softmax
-    output included) at 4 bits: a 4-bit softmax then dominates and none of the techniques apply
-    to it on TensorRT (see vitdeploy/quantize/techniques.py).
+(b) simulated W4A4 on the same layers: 4-bit per-output-channel weights, 4-bit per-tensor
+    activations, the softmax output and q, k, v included. PyTorch only, no ONNX: the exporter is INT8;
+(b') W4A4 on the Linear layers only, the rest FP32: the reference configuration (plain min/max
+    W4A4 of the Linear layers of cifar10_vit: 82.9 % agreement). ``--w4a4-layers`` picks (b), (b') or both.
 
 Rows: plain, +shift, +rescale, +bias-correction (each alone) and all three, as built for a
-TensorRT target (symmetric Q/DQ); in (a), for models with quantized attention, one more row: all
-three plus the cpu target's int8-asym softmax output (uint8, zero point 0), which TensorRT cannot
-run. Columns: top-1, agreement (%) with the FP32 model's predictions and the mean
-KL(FP32 ‖ quantized) of the output distributions (noise-free where agreement moves by a few
-images). Takes about 3 minutes on 2 idle cores. cifar10_vit: calibration from train_10k.npz, evaluation on the first --images
-test.npz images; mnist_vit: calibration from t10k images 5000–9999, evaluation on 0–4999.
+TensorRT target (symmetric Q/DQ, zero points 0; the shift includes the shifted softmax output).
+Columns: top-1, agreement (%) with the FP32 model's predictions and the mean KL(FP32 ‖ quantized)
+of the output distributions (noise-free where agreement moves by a few images). Takes about
+5 minutes on 2 idle cores. cifar10_vit: calibration from train_10k.npz, evaluation on the first
+--images test.npz images; mnist_vit: calibration from t10k images 5000–9999, evaluation on 0–4999.
 """
 from __future__ import annotations
 
@@ -82,10 +79,12 @@ def run_model(name: str, args, work: Path) -> list:
     model, spec, calib, x, y = load(name, work, args.images, args.calib_size)
     layers = find_layers(model, spec)
     int8 = PrecisionPlan(default="int8", layers={}).resolve(layer.name for layer in layers)
-    w4a4 = int8 if args.w4a4_layers == "all" else \
-        {layer.name: "int8" if layer.kind == "linear" else "fp32" for layer in layers}
-    settings = {"(a) INT8, all layers": (int8, None),
-                f"(b) W4A4 {'all layers' if args.w4a4_layers == 'all' else 'Linear layers'}": (w4a4, W4A4)}
+    linear_only = {layer.name: "int8" if layer.kind == "linear" else "fp32" for layer in layers}
+    settings = {"(a) INT8, all layers": (int8, None)}
+    if args.w4a4_layers in ("all", "both"):
+        settings["(b) W4A4, all layers"] = (int8, W4A4)
+    if args.w4a4_layers in ("linear", "both"):
+        settings["(b) W4A4, Linear layers"] = (linear_only, W4A4)
     reference = logits(model, x)
     fp32 = reference.argmax(1)
     log_p = torch.log_softmax(reference, 1)
@@ -109,15 +108,6 @@ def run_model(name: str, args, work: Path) -> list:
             rows.append([name, setting, variant, round(top1, 2), round(agree, 2), round(kl * 1e3, 3)])
             print(f"  {name} {setting} {variant}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL {kl:.2e} "
                   f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
-        if bits is None and any(n.endswith("matmul_av") for n in precision):
-            # Not TensorRT-legal, for comparison: what the cpu target's int8-asym softmax (uint8) adds.
-            asym = {n: "int8-asym" if n.endswith("matmul_av") else p for n, p in precision.items()}
-            qmodel, _, _ = quantize_with_techniques(model, asym, "cpu", forward_loop, "max", VARIANTS["all"])
-            out = logits(qmodel, x)
-            rows.append([name, setting, "all + uint8 softmax (cpu)",
-                         round(float((out.argmax(1) == y).float().mean() * 100), 2),
-                         round(float((out.argmax(1) == fp32).float().mean() * 100), 2),
-                         round(float((log_p.exp() * (log_p - torch.log_softmax(out, 1))).sum(1).mean()) * 1e3, 3)])
     return rows
 
 
@@ -126,8 +116,9 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["cifar10_vit", "mnist_vit"])
     parser.add_argument("--images", type=int, default=5000, help="evaluation images (default 5000)")
     parser.add_argument("--calib-size", type=int, default=512)
-    parser.add_argument("--w4a4-layers", choices=["linear", "all"], default="linear",
-                        help="setting (b): 4 bits on the Linear layers (default, the reference) or on every layer")
+    parser.add_argument("--w4a4-layers", choices=["all", "linear", "both"], default="both",
+                        help="setting (b): 4 bits on the same layers as (a), on the Linear layers only (the "
+                             "reference configuration), or both (default)")
     parser.add_argument("--threads", type=int,
                         help="torch threads (default: torch's; use 1 on a busy machine, where more run slower)")
     parser.add_argument("--target", default="jetson-orin",

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from .artifacts import ModelSpec
+from .log import get_logger
+
+log = get_logger(__name__)
 
 ROLES = ("patch_embed", "qkv", "attn_qk", "attn_av", "attn_out", "mlp_fc1", "mlp_fc2", "head", "linear")
 
@@ -36,9 +39,10 @@ def find_layers(model: nn.Module, spec: ModelSpec) -> List[LayerInfo]:
     """The layers that run in a forward pass, in execution order, with roles.
 
     Linear and Conv2d layers always; the two matmuls of every attention module that has a
-    quantized twin (timm's Attention) as ``<path>.matmul_qk`` and ``<path>.matmul_av``.
+    quantized twin (timm's Attention, the vit-pytorch layout) as ``<path>.matmul_qk`` and
+    ``<path>.matmul_av`` -- if the twin reproduces the module's output on this pass's input.
     """
-    from .quantize.attention import attention_twin_for
+    from .quantize.attention import attention_twin_for, twin_reproduces
 
     names = {module: name for name, module in model.named_modules()}
     seen: list = []
@@ -49,7 +53,8 @@ def find_layers(model: nn.Module, spec: ModelSpec) -> List[LayerInfo]:
             seen.append((module, tuple(inputs[0].shape), tuple(output.shape)))
 
     def attention_hook(module, inputs, output):
-        attentions.setdefault(names[module], (module, tuple(inputs[0].shape)))
+        if names[module] not in attentions:
+            attentions[names[module]] = (module, tuple(inputs[0].shape), inputs, output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
     handles += [m.register_forward_hook(attention_hook) for m in model.modules() if attention_twin_for(m)]
@@ -60,18 +65,27 @@ def find_layers(model: nn.Module, spec: ModelSpec) -> List[LayerInfo]:
         for h in handles:
             h.remove()
     layers = _assign_roles([_describe(names[m], m, out_shape) for m, _, out_shape in seen])
-    return _with_attention_matmuls(layers, attentions)
+    checked = {}
+    for path, (module, in_shape, inputs, output) in attentions.items():
+        if twin_reproduces(module, inputs, output):
+            checked[path] = (module, in_shape)
+        else:
+            log.warning("attention %s (%s) does not compute what its quantized twin computes: "
+                        "its matmuls stay in floating point", path, type(module).__name__)
+    return _with_attention_matmuls(layers, checked)
 
 
 def _with_attention_matmuls(layers: List[LayerInfo], attentions: dict) -> List[LayerInfo]:
     """Put each attention's two matmuls right after its qkv projection (execution order)."""
+    from .quantize.attention import attention_heads
+
     out = []
     for layer in layers:
         out.append(layer)
         path = layer.name.rpartition(".")[0]
         if layer.role == "qkv" and path in attentions:
             module, in_shape = attentions[path]
-            tokens, heads, head_dim = in_shape[1], module.num_heads, module.head_dim
+            tokens, (heads, head_dim) = in_shape[1], attention_heads(module)
             macs = heads * tokens * tokens * head_dim
             out.append(LayerInfo(f"{path}.matmul_qk", "matmul", "attn_qk", head_dim, tokens, macs))
             out.append(LayerInfo(f"{path}.matmul_av", "matmul", "attn_av", tokens, head_dim, macs))

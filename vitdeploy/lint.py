@@ -39,6 +39,7 @@ RULES: Mapping[str, str] = MappingProxyType({
     "attention-qdq-missing": "INT8 MHA fusion needs Q/DQ on q, k, softmax output and v",
     "attention-head-size": "INT8 MHA fusion needs a head size of 16, 32 or 64",
     "attention-tokens": "INT8 MHA fusion needs a sequence length <= 512",
+    "attention-softmax-shift": "a Sub between Softmax and its Q/DQ (shifted softmax) is not in the MHA pattern",
 })
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -55,8 +56,9 @@ _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identi
                          "Gather", "Slice", "Split"})
 # Between the first attention MatMul and the Softmax: scaling, masking, casts, optional Q/DQ.
 _SCORE_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity"}) | _QDQ_OPS
-# Between the Softmax and the second MatMul: its Q/DQ, casts and (inference-time no-op) dropout.
-_PROB_OPS = frozenset({"Cast", "Identity", "Dropout"}) | _QDQ_OPS
+# Between the Softmax and the second MatMul: its Q/DQ, casts, (inference-time no-op) dropout and
+# the Sub of a shifted softmax (vitdeploy's --shift), which `attention-softmax-shift` reports.
+_PROB_OPS = frozenset({"Cast", "Identity", "Dropout", "Sub"}) | _QDQ_OPS
 
 Shape = Tuple[Optional[int], ...]
 ModelLike = Union[onnx.ModelProto, str, "os.PathLike[str]"]
@@ -558,6 +560,24 @@ def _check_attention(g: _Graph, target: Target) -> Iterator[Violation]:
             continue
         yield from _attention_qdq(block, has)
         yield from _attention_shape(g, block)
+        yield from _attention_softmax_shift(g, block)
+
+
+def _attention_softmax_shift(g: _Graph, block: _Attention) -> Iterator[Violation]:
+    """`attention-softmax-shift`: a Sub on the path from the Softmax to the second MatMul."""
+    name = block.context.input[0]
+    for _ in range(_MAX_WALK):
+        node = g.producer(name)
+        if node is None or node is block.softmax:
+            return
+        if node.op_type == "Sub":
+            yield Violation("attention-softmax-shift", _label(node),
+                            "the softmax output is shifted before its QuantizeLinear (the shift "
+                            "technique): more resolution for INT8 attention, but TensorRT's fused "
+                            "MHA pattern has nothing between Softmax and Q/DQ, so this block may "
+                            "run unfused; check the engine's layers (trtexec --dumpLayerInfo)", _WARNING)
+            return
+        name = node.input[0]
 
 
 def _attention_qdq(block: _Attention, has: Mapping[str, bool]) -> Iterator[Violation]:

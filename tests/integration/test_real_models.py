@@ -144,7 +144,9 @@ def test_mnist_plain_pytorch_vit(tmp_path):
     assert abs(acc["int8_top1"] - acc["fp32_top1"]) <= 0.1   # issue 3's bar (issue 2's was 1.0)
     assert acc["agreement"] >= 99.85
     roles = [layer["role"] for layer in record["layers"]]
-    assert roles == ["patch_embed"] + ["qkv", "attn_out", "mlp_fc1", "mlp_fc2"] * 6 + ["head"]
+    assert roles == ["patch_embed"] + ["qkv", "attn_qk", "attn_av", "attn_out", "mlp_fc1", "mlp_fc2"] * 6 + ["head"]
+    matmuls = [layer for layer in record["layers"] if layer["kind"] == "matmul"]   # the vit-pytorch twin
+    assert len(matmuls) == 12 and all(layer["precision"] == "int8" for layer in matmuls)
 
 
 @pytest.mark.parametrize("damaged", ["blocks.2.mlp.fc2", "blocks.1.attn.qkv"])

@@ -130,11 +130,12 @@ def layernorm_model(decomposed=False, square="pow"):
 ALL_ROLES = ("q", "k", "softmax", "v")
 
 
-def attention_model(heads=2, tokens=8, head=16, qdq=ALL_ROLES, scale_before=False):
+def attention_model(heads=2, tokens=8, head=16, qdq=ALL_ROLES, scale_before=False, softmax_shift=False):
     """q/k/v [1, heads, tokens, head] -> MatMul(q, k^T) -> Mul scale -> Softmax -> MatMul(., v).
 
     `qdq` names the operands that get a Q/DQ pair; `scale_before` moves the scale Mul onto q
-    (the other layout exporters produce).
+    (the other layout exporters produce); `softmax_shift` puts vitdeploy's shifted softmax in
+    (``Sub(P, z)`` before its Q/DQ; v's centring is left out, it does not touch the rule).
     """
     shape = [1, heads, tokens, head]
     nodes, inits = [], [numpy_helper.from_array(np.array(head ** -0.5, np.float32), "attn_scale")]
@@ -158,7 +159,12 @@ def attention_model(heads=2, tokens=8, head=16, qdq=ALL_ROLES, scale_before=Fals
         nodes.append(helper.make_node("Mul", ["scores", "attn_scale"], ["logits"], name="scores_scale"))
         logits = "logits"
     nodes.append(helper.make_node("Softmax", [logits], ["probs"], name="attn_softmax", axis=-1))
-    probs = maybe_qdq("probs", "softmax")
+    probs = "probs"
+    if softmax_shift:
+        inits.append(numpy_helper.from_array(np.array(0.5, np.float32), "z"))
+        nodes.append(helper.make_node("Sub", ["probs", "z"], ["probs_shifted"], name="softmax_shift"))
+        probs = "probs_shifted"
+    probs = maybe_qdq(probs, "softmax")
     nodes.append(helper.make_node("MatMul", [probs, v], ["out"], name="attn_context"))
     inputs = [_vi(name, shape) for name in ("q", "k", "v")]
     return _model(nodes, inputs, [_vi("out", shape)], inits)
@@ -404,6 +410,19 @@ def test_attention_qdq_missing_with_scale_before_matmul():
     model = attention_model(qdq=("q", "k", "softmax"), scale_before=True)
     found = _rules(lint_model(model, "jetson-orin"), "attention-qdq-missing")
     assert [(v.node, v.message.split()[0]) for v in found] == [("attn_context", "v")]
+
+
+def test_shifted_softmax_is_reported_once_and_still_a_complete_int8_block():
+    model = attention_model(softmax_shift=True)
+    onnx.checker.check_model(model, full_check=True)
+    _run(model)
+    for target in CLEAN_TARGETS:
+        violations = lint_model(model, target)
+        assert [(v.rule, v.node, v.severity) for v in violations] == [
+            ("attention-softmax-shift", "softmax_shift", "warning")]
+    assert lint_model(attention_model(), "jetson-orin") == []     # no shift, no warning
+    missing_v = lint_model(attention_model(softmax_shift=True, qdq=("q", "k", "softmax")), "jetson-orin")
+    assert {v.rule for v in missing_v} == {"attention-softmax-shift", "attention-qdq-missing"}
 
 
 def test_fp16_attention_without_any_qdq_is_left_alone():

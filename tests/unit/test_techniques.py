@@ -189,7 +189,12 @@ def test_input_modes_per_target():
     matmuls = {"blocks.0.attn.matmul_av": "int8-asym", "blocks.0.attn.matmul_qk": "int8-asym"}
     assert input_modes(model, matmuls, "cpu", off) == {"blocks.0.attn.matmul_av": "uint8",
                                                        "blocks.0.attn.matmul_qk": "int8"}
-    assert set(input_modes(model, matmuls, "jetson-orin", on).values()) == {"int8"}
+    assert input_modes(model, matmuls, "jetson-orin", off) == {"blocks.0.attn.matmul_av": "shift-tensor",
+                                                               "blocks.0.attn.matmul_qk": "int8"}
+    int8 = {"blocks.0.attn.matmul_av": "int8", "blocks.0.attn.matmul_qk": "int8"}
+    assert input_modes(model, int8, "jetson-orin", off)["blocks.0.attn.matmul_av"] == "int8"
+    assert input_modes(model, int8, "jetson-orin", on)["blocks.0.attn.matmul_av"] == "shift-tensor"
+    assert input_modes(model, int8, "cpu", on)["blocks.0.attn.matmul_av"] == "uint8"
 
 
 # --------------------------------------------------------------------------- rescale
@@ -295,7 +300,10 @@ def test_int8_asym_plan_on_tensorrt_target_has_only_zero_zero_points(tiny_vit, c
     assert not [v for v in lint_model(path, "jetson-orin") if v.rule == "zero-point"]
     assert all(z.dtype == np.int8 and not z.any() for z in _zero_points(path))
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert ops.count("Sub") == 9   # one shift per Linear: (qkv, proj, fc1, fc2) × 2 blocks + head
+    assert ops.count("Sub") == 13   # one shift per Linear: (qkv, proj, fc1, fc2) × 2 blocks + head; 2 × (P, v)
+    assert ops.count("ReduceMean") == 2   # v centred over the tokens, its mean added back
+    assert record["techniques"]["int8_asym"]["blocks.0.attn.matmul_av"].startswith("softmax output int8 after a shift")
+    assert record["verification"]["int8"]["cosine"] > 0.999
     assert record["techniques"]["int8_asym"]["blocks.0.mlp.fc2"].startswith("int8 after a per-tensor shift")
     fc2 = next(layer for layer in record["layers"] if layer["name"] == "blocks.0.mlp.fc2")
     assert "shift" in fc2["activations"]

@@ -11,7 +11,9 @@ non-zero zero point. For TensorRT, which only runs symmetric int8: a ``Sub`` of 
 value, or one per input channel) before the QuantizeLinear, and ``W_q·z`` folded into the layer's
 bias initializer (the MatMul's bias Add, Gemm's C, Conv's B; an Add is inserted when the layer has
 no bias), so the zero points stay 0. A layer whose bias changed for other reasons (bias
-correction) gets its new bias the same way.
+correction) gets its new bias the same way. A shifted softmax output (attention.py) is the same
+idea where there is no bias to fold into: ``Sub(P, z)`` before its QuantizeLinear, v centred
+over the tokens before its own, and ``v̄ + z·ReduceSum(Q(d))`` added after the MatMul.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class AttentionQuant:
     qk: Optional[Tuple[float, float]]       # (q scale, k scale)
     av: Optional[Tuple[float, float]]       # (softmax-output scale, v scale)
     softmax_zero_point: Optional[int] = None  # uint8 softmax output with this zero point (cpu only)
+    softmax_shift: Optional[float] = None     # Q/DQ on P - z and on v - v̄, v̄ added back (attention.py)
 
 
 def attention_quant_from_module(module) -> AttentionQuant:
@@ -85,9 +88,11 @@ def attention_quant_from_module(module) -> AttentionQuant:
         return tuple(float(q.scale) for q in quantizers)
 
     softmax = module.softmax_quantizer
-    return AttentionQuant(qk=scales(module.q_quantizer, module.k_quantizer),
-                          av=scales(module.softmax_quantizer, module.v_quantizer),
-                          softmax_zero_point=softmax.zero_point if getattr(softmax, "unsigned", False) else None)
+    av = scales(module.softmax_quantizer, module.v_quantizer)
+    shift = getattr(module, "softmax_shift", None)
+    return AttentionQuant(qk=scales(module.q_quantizer, module.k_quantizer), av=av,
+                          softmax_zero_point=softmax.zero_point if getattr(softmax, "unsigned", False) else None,
+                          softmax_shift=float(shift) if shift is not None and av else None)
 
 
 def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
@@ -120,9 +125,13 @@ def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
                 editor.quantize_input(mm1, nodes[mm1], 1, aq.qk[1], f"{name}.k")
             if aq.av:
                 unsigned = aq.softmax_zero_point is not None
+                shift = None if aq.softmax_shift is None else np.float32(aq.softmax_shift)
                 editor.quantize_input(mm2, nodes[mm2], 0, aq.av[0], f"{name}.softmax",
-                                      zero_point=aq.softmax_zero_point or 0, unsigned=unsigned)
+                                      zero_point=aq.softmax_zero_point or 0, unsigned=unsigned, shift=shift)
+                mean = editor.center_tokens(mm2, nodes[mm2], f"{name}.v") if shift is not None else None
                 editor.quantize_input(mm2, nodes[mm2], 1, aq.av[1], f"{name}.v")
+                if shift is not None:
+                    editor.undo_softmax_shift(mm2, nodes[mm2], shift, mean, f"{name}.v")
     return editor.finish()
 
 
@@ -260,6 +269,44 @@ class _Editor:
         node.output[0] = f"{base}/MatMul_output"
         self.after.setdefault(index, []).append(helper.make_node(
             "Add", [node.output[0], name], [out], name=f"{base}/bias/Add"))
+
+    def center_tokens(self, index: int, node, base: str) -> str:
+        """v → ``d = v - mean_tokens(v)`` as the MatMul's second input; returns the mean's name.
+
+        Call it before v's quantize_input, so the Q/DQ quantizes d. ReduceMean takes its axes as
+        an attribute up to opset 17 and as an input from opset 18.
+        """
+        v, mean, centred = node.input[1], f"{base}_token_mean", f"{base}_centred"
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        if opset >= 18:
+            axes = self._constant(f"{base}_token_axis", np.array([-2], dtype=np.int64))
+            reduce = helper.make_node("ReduceMean", [v, axes], [mean], name=f"{base}_token_mean/ReduceMean", keepdims=1)
+        else:
+            reduce = helper.make_node("ReduceMean", [v], [mean], name=f"{base}_token_mean/ReduceMean",
+                                      axes=[-2], keepdims=1)
+        self.before.setdefault(index, []).extend([
+            reduce, helper.make_node("Sub", [v, mean], [centred], name=f"{base}_centre/Sub")])
+        node.input[1] = centred
+        return mean
+
+    def undo_softmax_shift(self, index: int, node, shift: np.float32, mean: str, base: str) -> None:
+        """After ``MatMul(Q(P - z), Q(d))``: add ``v̄ + z·ReduceSum(Q(d), tokens)``, giving P·Q(d) + v̄.
+
+        Call it after v's quantize_input: the sum is over the dequantized d the MatMul reads
+        (attention.py explains why both terms are needed). ReduceSum takes axes as an input from
+        opset 13 on (we export ≥ 17).
+        """
+        axes = self._constant(f"{base}_token_axis_sum", np.array([-2], dtype=np.int64))
+        z = self._constant(f"{base}_softmax_shift_back", np.asarray(shift, dtype=np.float32))
+        out = node.output[0]
+        node.output[0] = f"{base}/MatMul_output"
+        self.after.setdefault(index, []).extend([
+            helper.make_node("ReduceSum", [node.input[1], axes], [f"{base}_token_sum"],
+                             name=f"{base}_token_sum/ReduceSum", keepdims=1),
+            helper.make_node("Mul", [f"{base}_token_sum", z], [f"{base}_shift_back"], name=f"{base}_shift_back/Mul"),
+            helper.make_node("Add", [mean, f"{base}_shift_back"], [f"{base}_restore"], name=f"{base}_restore/Add"),
+            helper.make_node("Add", [node.output[0], f"{base}_restore"], [out], name=f"{base}_restore/Add_output"),
+        ])
 
     def finish(self) -> onnx.ModelProto:
         _rebuild_node_list(self.graph, self.before, self.after)

@@ -7,8 +7,9 @@ The caller owns the data (ModelOpt's ``forward_loop`` idea): ``calibrate`` only 
 ``input_modes`` chooses, per layer, how its input activation is quantized (see `INPUT_MODES`):
 symmetric INT8 (the default), asymmetric UINT8 with a zero point (ONNX Runtime only), or
 symmetric INT8 after a shift folded into the bias (TensorRT's form of asymmetric: zero points
-stay 0). For ``matmul_av`` "uint8" quantizes the softmax output (≥ 0) unsigned; every other
-attention operand stays symmetric, since a shift there has no free fold (see techniques.py).
+stay 0). For ``matmul_av`` "uint8" quantizes the softmax output (≥ 0) unsigned and
+"shift-tensor" shifts it by half its range (with v centred over the tokens, see attention.py);
+q, k and v stay symmetric, since a shift there has no exact fold once P is quantized.
 """
 from __future__ import annotations
 
@@ -56,9 +57,13 @@ def quantize_model(model: nn.Module, layer_names: Iterable[str], calib_method: s
             raise ValueError(f"layer '{name}': '{attn_path}' is not an attention module vitdeploy can quantize")
         if not hasattr(module, "q_quantizer"):
             convert_attention(module, calib_method, calib_kwargs)
-        unsigned, _ = _parse_mode(name, input_modes.get(name, "int8"))
-        if unsigned and matmul == "matmul_av":  # softmax ≥ 0: all 2^8 codes on [0, max]
-            module.softmax_quantizer = TensorQuantizer(axis=None, unsigned=True)
+        unsigned, shift = _parse_mode(name, input_modes.get(name, "int8"))
+        if matmul == "matmul_av":  # softmax ≥ 0: all 2^8 codes on [0, max], by a zero point or a shift
+            if unsigned:
+                module.softmax_quantizer = TensorQuantizer(axis=None, unsigned=True)
+            module.softmax_shift_enabled = shift is not None
+        elif unsigned or shift is not None:
+            raise ValueError(f"layer '{name}': q and k are quantized symmetrically (no free fold for a shift)")
         for q in matmul_quantizers(module, matmul):
             q.enabled = True
     modules = dict(qmodel.named_modules())
@@ -83,6 +88,11 @@ def quantized_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """Linear/Conv2d modules that carry an input and a weight quantizer, by path."""
     return {name: m for name, m in model.named_modules()
             if isinstance(getattr(m, "input_quantizer", None), TensorQuantizer)}
+
+
+def _finish_softmax_shifts(model: nn.Module) -> None:
+    for m in quantized_attentions(model).values():
+        m.finish_softmax_shift()
 
 
 def quantized_attentions(model: nn.Module) -> Dict[str, nn.Module]:
@@ -113,6 +123,8 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None], bias_
     corrected = {name: m for name, m in quantized_layers(model).items()
                  if m.weight_quantizer.enabled} if bias_correction else {}
     stats: Dict[str, ChannelStats] = {}
+    for m in quantized_attentions(model).values():
+        m.softmax_shift = None  # calibrate on the softmax output itself
     for name, m in shifted.items():
         m.input_shift = None
         stats[name] = ChannelStats(axis=-1, track_range=True, track_mean=name in corrected)
@@ -134,6 +146,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None], bias_
             h.remove()
     for q in first:
         q.load_calib_amax()
+    _finish_softmax_shifts(model)
     second = {}
     for name, m in shifted.items():
         lo, hi = stats[name].range()

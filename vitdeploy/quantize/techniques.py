@@ -20,16 +20,14 @@ tensor (the same numbers as a zero point: z = (min + max)/2, amax = (max - min)/
 channel when the shift technique is on. Conv layers (the patch embedding) take the zero point on
 cpu and stay symmetric on TensorRT (their input is the normalized image, already centred).
 
-Attention matmuls: ``int8-asym`` on ``matmul_av`` quantizes the softmax output (≥ 0) as uint8
-with zero point 0 on cpu: twice the resolution of int8 on [0, max]. On TensorRT it is symmetric:
-a shift of the softmax output P by z would need ``z·Σ_tokens v`` added back, a reduction over v
-at run time, not a constant fold (there is no weight to fold it into), and a Sub between Softmax
-and its QuantizeLinear breaks TensorRT's fused-MHA pattern. (Shifting v instead is exact in FP32,
-since softmax rows sum to 1 -- fold -c into v's bias and W_proj·c into proj's -- but not once P is
-quantized, whose rows no longer sum to 1; measured on cifar10_vit it did not help.) So on TensorRT
-targets, int8-asym on the attention matmuls = int8. On cpu, the uint8 softmax is worth having:
-cifar10_vit, every layer INT8 + all three techniques, agreement 98.68 → 98.84 %, KL(FP32 ‖ INT8)
-0.37e-3 → 0.16e-3 (benchmarks/ablation.py).
+Attention matmuls: the softmax output P (in [0, a]) is the lopsided activation there. With
+``int8-asym`` on ``matmul_av`` or the shift technique it is quantized asymmetrically: on cpu as
+uint8 with zero point 0, on TensorRT targets shifted, ``Q(P - a/2)·Q(v - v̄) + v̄`` with v̄ the
+token mean of v (exact before quantization since softmax rows sum to 1; a ``Sub`` on P, a
+``ReduceMean`` and ``Sub`` on v, an ``Add`` after the matmul, zero points 0; see attention.py). The price on TensorRT: the ``Sub`` between Softmax and its QuantizeLinear is not
+in the fused-MHA pattern (linted as ``attention-softmax-shift``), so it is part of the opt-in
+shift technique, not of a default build. q, k and v stay symmetric: a shift of v is exact in FP32
+(softmax rows sum to 1) but not once P is quantized, and q/k have no fold at all.
 """
 from __future__ import annotations
 
@@ -104,7 +102,8 @@ def input_modes(model: nn.Module, precision: Dict[str, str], target, techniques:
     int8 Linear: shifted per channel with the shift technique, else symmetric. int8-asym Linear:
     TensorRT → shifted (per channel with the technique, else one z per tensor); cpu → uint8 with a
     zero point (after the per-channel shift with the technique). int8-asym Conv: uint8 on cpu,
-    symmetric on TensorRT. int8-asym matmul_av: uint8 softmax output on cpu. Everything else: int8.
+    symmetric on TensorRT. matmul_av with int8-asym or the shift technique: the softmax output
+    uint8 on cpu, shifted by half its range on TensorRT. Everything else: int8.
     """
     modules = dict(model.named_modules())
     trt = _is_tensorrt(target)
@@ -114,7 +113,10 @@ def input_modes(model: nn.Module, precision: Dict[str, str], target, techniques:
             continue
         asym = p == "int8-asym"
         if name.rpartition(".")[2] in MATMULS:
-            modes[name] = "uint8" if asym and not trt and name.endswith("matmul_av") else "int8"
+            if name.endswith("matmul_av") and (asym or techniques.shift):
+                modes[name] = "shift-tensor" if trt else "uint8"
+            else:
+                modes[name] = "int8"
         elif type(modules.get(name)) is nn.Linear:
             if trt:
                 modes[name] = "shift-channel" if techniques.shift else ("shift-tensor" if asym else "int8")
@@ -172,10 +174,12 @@ def quantize_with_techniques(model: nn.Module, precision: Dict[str, str], target
 def _asym_form(name: str, mode: str) -> str:
     """How an int8-asym layer was realised, for build.json."""
     if mode == "int8":
-        why = "no exact free fold on TensorRT" if name.rpartition(".")[2] in MATMULS else \
+        why = "q and k have no exact fold for a shift" if name.endswith("matmul_qk") else \
             "Conv inputs are not shifted on TensorRT"
         return f"int8 symmetric ({why})"
     if name.endswith("matmul_av"):
+        if mode == "shift-tensor":
+            return "softmax output int8 after a shift by half its range, v int8 centred over the tokens"
         return "softmax output uint8 (zero point 0), v int8 symmetric"
     return {"uint8": "uint8 with a zero point",
             "uint8+shift-channel": "per-channel shift, then uint8 with a zero point",
@@ -212,9 +216,13 @@ def describe_input(module) -> Dict[str, object]:
 
 
 def describe_matmul(module, matmul: str) -> Dict[str, object]:
-    """build.json fields for an attention matmul whose softmax output is quantized unsigned (cpu int8-asym)."""
+    """build.json fields for an attention matmul whose softmax output is quantized asymmetrically."""
     softmax = module.softmax_quantizer
     if matmul == "matmul_av" and getattr(softmax, "unsigned", False):
         return {"activations": f"softmax output uint8 asymmetric (zero point {softmax.zero_point}), "
                                "v int8 symmetric, per tensor"}
+    if matmul == "matmul_av" and getattr(module, "softmax_shift", None) is not None:
+        return {"activations": "softmax output int8 symmetric after a shift by half its range, "
+                               "v int8 symmetric after centring over the tokens (its mean added back), per tensor",
+                "softmax_shift": float(module.softmax_shift)}
     return {}
