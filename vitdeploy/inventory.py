@@ -54,7 +54,7 @@ def find_layers(model: nn.Module, spec: ModelSpec) -> List[LayerInfo]:
 
     def attention_hook(module, inputs, output):
         if names[module] not in attentions:
-            attentions[names[module]] = (module, tuple(inputs[0].shape), inputs, output)
+            attentions[names[module]] = (module, inputs, output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
     handles += [m.register_forward_hook(attention_hook) for m in model.modules() if attention_twin_for(m)]
@@ -66,9 +66,9 @@ def find_layers(model: nn.Module, spec: ModelSpec) -> List[LayerInfo]:
             h.remove()
     layers = _assign_roles([_describe(names[m], m, out_shape) for m, _, out_shape in seen])
     checked = {}
-    for path, (module, in_shape, inputs, output) in attentions.items():
+    for path, (module, inputs, output) in attentions.items():
         if twin_reproduces(module, inputs, output):
-            checked[path] = (module, in_shape)
+            checked[path] = (module, tuple(inputs[0].shape))
         else:
             log.warning("attention %s (%s) does not compute what its quantized twin computes: "
                         "its matmuls stay in floating point", path, type(module).__name__)

@@ -90,11 +90,6 @@ def quantized_layers(model: nn.Module) -> Dict[str, nn.Module]:
             if isinstance(getattr(m, "input_quantizer", None), TensorQuantizer)}
 
 
-def _finish_softmax_shifts(model: nn.Module) -> None:
-    for m in quantized_attentions(model).values():
-        m.finish_softmax_shift()
-
-
 def quantized_attentions(model: nn.Module) -> Dict[str, nn.Module]:
     """Attention modules with matmul quantizers, by path, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "q_quantizer", None), TensorQuantizer)}
@@ -146,7 +141,8 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], None], bias_
             h.remove()
     for q in first:
         q.load_calib_amax()
-    _finish_softmax_shifts(model)
+    for m in quantized_attentions(model).values():
+        m.finish_softmax_shift()
     second = {}
     for name, m in shifted.items():
         lo, hi = stats[name].range()

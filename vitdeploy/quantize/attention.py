@@ -79,9 +79,7 @@ class _QuantAttentionMixin:
             return self.softmax_quantizer(attn) @ self.v_quantizer(v)
         v_mean = v.mean(dim=-2, keepdim=True)
         centred = self.v_quantizer(v - v_mean)
-        shift = self.softmax_shift
-        if shift is None:  # calibrating the softmax range
-            return self.softmax_quantizer(attn) @ centred + v_mean
+        shift = 0.0 if self.softmax_shift is None else self.softmax_shift   # None: calibrating P's range
         return self.softmax_quantizer(attn - shift) @ centred + (v_mean + shift * centred.sum(dim=-2, keepdim=True))
 
     def finish_softmax_shift(self) -> None:
