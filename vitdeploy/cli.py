@@ -77,7 +77,8 @@ def cmd_build(args) -> int:
         mean=args.mean, std=args.std, calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed,
         plan=args.plan, workspace_mib=args.workspace, dla_core=args.dla, trt_calibrator=args.trt_calibrator,
         max_batch=args.max_batch, shift=args.shift, rescale=args.rescale, bias_correction=args.bias_correction,
-        eval_data=args.eval_data, batch_size=args.batch_size)
+        eval_data=args.eval_data, batch_size=args.batch_size,
+        verify_min_agreement=args.verify_min_agreement, verify_min_cosine=args.verify_min_cosine)
     record = build(cfg)
     rows = [[name, size / 1e6] for name, size in record["files"].items()]
     print(f"built {record['output']} in {record['build_seconds']:.1f} s")
@@ -239,6 +240,15 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="build name (default: the checkpoint's file name)")
     g.add_argument("--eval-data", type=Path, help="labelled images (.npz or class folders): report FP32 vs INT8 top-1")
     g.add_argument("--batch-size", type=int, default=64)
+    from .pipeline import VERIFY_MIN_AGREEMENT, VERIFY_MIN_COSINE
+
+    g = p.add_argument_group("verification (ONNX Runtime must reproduce PyTorch on 256 calibration images, "
+                             "or the build fails)")
+    g.add_argument("--verify-min-agreement", type=float, default=VERIFY_MIN_AGREEMENT, metavar="PCT",
+                   help=f"argmax agreement in %% (default {VERIFY_MIN_AGREEMENT:g}); lower it only for models "
+                        "whose logits are near ties, such as untrained ones")
+    g.add_argument("--verify-min-cosine", type=float, default=VERIFY_MIN_COSINE, metavar="C",
+                   help=f"cosine of the logits (default {VERIFY_MIN_COSINE:g})")
     g = p.add_argument_group("TensorRT engine (built here when TensorRT and a GPU are present, else on the device "
                              "from the bundle)")
     g.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace limit")

@@ -2,8 +2,8 @@
 
 One forward pass with hooks records, for every nn.Linear / nn.Conv2d that actually executes, its
 order, shapes and MACs per image. Roles (patch-embed, qkv, attention-out, fc1, fc2, head) follow
-from structure: the first layer to see pixels embeds patches, the last one produces the logits, a
-Linear whose width is 3× the next one's input is a fused QKV, a widening Linear followed by one
+from structure: the first layer to see pixels embeds patches, the last one produces the logits (with
+any same-shaped one just before it: DeiT-distilled's second head), a Linear whose width is 3× the next one's input is a fused QKV, a widening Linear followed by one
 that narrows back is an MLP. That works for timm and for hand-written ViTs alike.
 """
 from __future__ import annotations
@@ -122,4 +122,12 @@ def _assign_roles(layers: List[dict]) -> List[LayerInfo]:
                 and nxt["out_features"] == layer["in_features"]:
             roles[i] = "mlp_fc1"
             roles[i + 1] = "mlp_fc2"
+    # Several heads side by side (DeiT-distilled's head and head_dist, averaged into the logits): the
+    # layers just before the last one with its exact shape and no other role are heads too.
+    last = layers[-1] if len(layers) > 1 else None
+    for i in range(len(layers) - 2, 0, -1):
+        if roles[i] != "linear" or (layers[i]["kind"], layers[i]["in_features"], layers[i]["out_features"]) != \
+                (last["kind"], last["in_features"], last["out_features"]):
+            break
+        roles[i] = "head"
     return [LayerInfo(role=r, **layer) for r, layer in zip(roles, layers)]

@@ -33,6 +33,8 @@ def _amax(value) -> str:
 def write_build_report(path: Path, record: dict) -> None:
     spec = record["preprocessing"]
     calib = record["inputs"]["calibration"]
+    verification = record["verification"]
+    bars = verification["bars"]
     lines = [
         f"# {record['name']}: INT8 build for `{record['target']}`",
         "",
@@ -51,8 +53,10 @@ def write_build_report(path: Path, record: dict) -> None:
         "## Verification (ONNX Runtime vs PyTorch)",
         "",
         table(["model", "images", "argmax agreement %", "cosine", "max |Δlogit|"],
-              [[tag, record["verification"]["images"], v["agreement"], f"{v['cosine']:.6f}", f"{v['max_abs_diff']:.3g}"]
-               for tag, v in record["verification"].items() if isinstance(v, dict)]),
+              [[tag, verification["images"], v["agreement"], f"{v['cosine']:.6f}", f"{v['max_abs_diff']:.3g}"]
+               for tag, v in ((t, verification[t]) for t in ("fp32", "int8") if t in verification)]),
+        "",
+        f"Bars: agreement ≥ {bars['agreement']:g} %, cosine ≥ {bars['cosine']:g}.",
     ]
     acc = record.get("accuracy")
     if acc:

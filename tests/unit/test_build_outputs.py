@@ -51,3 +51,30 @@ def test_engine_option_errors(tiny_vit, calib_npz, tmp_path, capsys):
     assert main(base + ["--target", "cpu", "--trt-calibrator", "entropy"]) == 2
     assert "TensorRT option" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_verification_bars_come_from_the_command_line(tiny_vit, calib_npz, tmp_path, capsys):
+    base = ["build", str(tiny_vit.state_dict), "--arch", tiny_vit.arch, "--model-kwargs", tiny_vit.kwargs,
+            "--calib", str(calib_npz), "--calib-size", "8", "--quiet"]
+    # A cosine above 1 cannot be reached: the build must fail in one line and leave nothing behind.
+    assert main(base + ["--out", str(tmp_path / "fails"), "--verify-min-cosine", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "does not reproduce PyTorch" in err and "bars 99 %, 1.5" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fails").exists()
+    assert main(base + ["--out", str(tmp_path / "ok"), "--verify-min-agreement", "90"]) == 0
+    verification = json.loads((tmp_path / "ok" / "build.json").read_text())["verification"]
+    assert verification["bars"] == {"agreement": 90.0, "cosine": 0.999}
+
+
+def test_near_tie_hint_only_when_the_logits_are_near_ties():
+    from vitdeploy.measure.evaluate import Predictions
+    from vitdeploy.pipeline import _near_tie_hint
+
+    rng = np.random.default_rng(0)
+    untrained = rng.normal(0, 0.01, size=(64, 10)).astype(np.float32)        # margins ~0.005
+    noise = rng.normal(0, 0.003, size=untrained.shape).astype(np.float32)
+    hint = _near_tie_hint(Predictions(untrained, None), Predictions(untrained + noise, None))
+    assert "close to ties" in hint and "--verify-min-cosine" in hint
+    trained = untrained.copy()
+    trained[np.arange(64), rng.integers(0, 10, 64)] += 5.0                   # one clear winner per image
+    assert _near_tie_hint(Predictions(trained, None), Predictions(trained + noise, None)) == ""
