@@ -114,10 +114,7 @@ def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
                 editor.set_bias(index, node, lq.bias, name)
     attentions = {k: v for k, v in (attentions or {}).items() if v.qk or v.av}
     if attentions:
-        patterns = find_attention_patterns(editor.graph)
-        if len(patterns) != len(attentions):
-            raise ExportError(f"found {len(patterns)} attention blocks (MatMul → Softmax → MatMul) in the graph "
-                              f"but the model has {len(attentions)} quantized attention modules")
+        patterns = _patterns_of(editor.graph, find_attention_patterns(editor.graph), list(attentions))
         for (mm1, mm2), (name, aq) in zip(patterns, attentions.items()):
             nodes = editor.graph.node
             if aq.qk:
@@ -133,6 +130,32 @@ def insert_qdq(model: onnx.ModelProto, layers: Dict[str, LayerQuant],
                 if shift is not None:
                     editor.undo_softmax_shift(mm2, nodes[mm2], shift, mean, f"{name}.v")
     return editor.finish()
+
+
+def _patterns_of(graph: onnx.GraphProto, patterns: List[Tuple[int, int]], names: List[str]) -> List[Tuple[int, int]]:
+    """The attention blocks of the quantized attention modules ``names``, in the same order.
+
+    As many blocks as modules: they pair up in execution order. More blocks (an attention that has
+    no quantized twin, such as timm's attention-pooling head ``attn_pool``): keep the blocks whose
+    node-name scope (``/blocks/blocks.0/attn/MatMul`` → ``blocks.0.attn``) ends one of the names.
+    """
+    if len(patterns) != len(names):
+        ours = [p for p in patterns if any(n == scope or n.endswith("." + scope)
+                                           for scope in [_scope(graph.node[p[1]].name)] if scope for n in names)]
+        if len(ours) != len(names):
+            raise ExportError(f"found {len(patterns)} attention blocks (MatMul → Softmax → MatMul) in the graph "
+                              f"but the model has {len(names)} quantized attention modules, and their node names "
+                              f"do not say which is which")
+        patterns = ours
+    return patterns
+
+
+def _scope(node_name: str) -> str:
+    """Module path from a TorchScript-exporter node name: '/blocks/blocks.0/attn/MatMul_1' → 'blocks.0.attn'."""
+    path = ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        path = part if path and part.startswith(path + ".") else (f"{path}.{part}" if path else part)
+    return path
 
 
 def find_attention_patterns(graph: onnx.GraphProto) -> List[Tuple[int, int]]:
