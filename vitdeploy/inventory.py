@@ -39,7 +39,7 @@ def find_layers(model: nn.Module, spec: ModelSpec) -> List[LayerInfo]:
     """The layers that run in a forward pass, in execution order, with roles.
 
     Linear and Conv2d layers always; the two matmuls of every attention module that has a
-    quantized twin (timm's Attention, the vit-pytorch layout) as ``<path>.matmul_qk`` and
+    quantized twin (timm's Attention, the vit-pytorch layout, nn.MultiheadAttention written out) as ``<path>.matmul_qk`` and
     ``<path>.matmul_av`` -- if the twin reproduces the module's output on this pass's input.
     """
     from .quantize.attention import attention_twin_for, twin_reproduces
@@ -85,7 +85,9 @@ def _with_attention_matmuls(layers: List[LayerInfo], attentions: dict) -> List[L
         path = layer.name.rpartition(".")[0]
         if layer.role == "qkv" and path in attentions:
             module, in_shape = attentions[path]
-            tokens, (heads, head_dim) = in_shape[1], attention_heads(module)
+            # nn.MultiheadAttention without batch_first sees (tokens, batch, dim)
+            tokens = in_shape[1] if getattr(module, "batch_first", True) else in_shape[0]
+            heads, head_dim = attention_heads(module)
             macs = heads * tokens * tokens * head_dim
             out.append(LayerInfo(f"{path}.matmul_qk", "matmul", "attn_qk", head_dim, tokens, macs))
             out.append(LayerInfo(f"{path}.matmul_av", "matmul", "attn_av", tokens, head_dim, macs))
@@ -99,7 +101,7 @@ def _describe(name: str, module: nn.Module, out_shape) -> dict:
         return dict(name=name, kind="conv", in_features=module.in_channels, out_features=module.out_channels,
                     macs=int(positions * k * module.out_channels))
     rows = 1
-    for d in out_shape[1:-1]:  # tokens (batch is 1)
+    for d in out_shape[:-1]:  # tokens: the pass runs one image, so batch-first or not, every other dim is 1
         rows *= d
     return dict(name=name, kind="linear", in_features=module.in_features, out_features=module.out_features,
                 macs=int(rows * module.in_features * module.out_features))

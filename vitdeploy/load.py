@@ -66,6 +66,9 @@ def load_model(
     model = prepare_for_quantization(model)
     check_finite(model)
     spec = infer_spec(model, path, arch, input_size, mean, std)
+    from .quantize.mha import make_attention_explicit
+
+    make_attention_explicit(model, spec.input_size)
     return model, spec
 
 

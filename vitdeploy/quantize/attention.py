@@ -1,6 +1,6 @@
 """Quantized attention: Q/DQ on q, k, the softmax output and v, where TensorRT's INT8 fused MHA wants them.
 
-Two families of attention modules have quantized twins:
+Three families of attention modules have quantized twins:
 
 * **timm's** ``Attention``: timm hides q·kᵀ and softmax inside ``scaled_dot_product_attention``;
   its unfused branch keeps them but offers no module on ``v`` to hook. The twin is a subclass with
@@ -10,6 +10,8 @@ Two families of attention modules have quantized twins:
   copied from it): a module with ``to_qkv`` (one Linear), ``heads``, ``scale`` and ``to_out``,
   optionally ``norm``, ``attend`` and ``dropout``. Its class is the user's own, so the twin is
   made at run time as a subclass of it, with the layout's forward written out.
+* **PyTorch's** ``nn.MultiheadAttention`` (torchvision's ViT), once load time has written it out
+  as ``ExplicitMultiheadAttention`` (mha.py).
 
 A structural match is not proof that a module computes what the twin computes, so the inventory
 accepts a twin only after it reproduced the module's output on a real input (`twin_reproduces`);
@@ -190,6 +192,10 @@ def attention_twin_for(module: nn.Module) -> Optional[Type[nn.Module]]:
         return QuantTimmAttention
     if _is_vit_pytorch_attention(module):
         return _vit_pytorch_twin(type(module))
+    from .mha import ExplicitMultiheadAttention, QuantExplicitMultiheadAttention
+
+    if type(module) is ExplicitMultiheadAttention:
+        return QuantExplicitMultiheadAttention
     return None
 
 
@@ -220,7 +226,9 @@ def twin_reproduces(module: nn.Module, inputs: tuple, expected: torch.Tensor, rt
             got = twin(*inputs)
     except Exception:  # a module that only looks like the layout: its own forward differs
         return False
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+    if isinstance(expected, tuple) and isinstance(got, tuple) and got:  # nn.MultiheadAttention: (out, weights)
+        expected, got = expected[0], got[0]
+    if not isinstance(got, torch.Tensor) or not isinstance(expected, torch.Tensor) or got.shape != expected.shape:
         return False
     scale = float(expected.abs().max()) or 1.0
     return float((got - expected).abs().max()) <= rtol * scale
