@@ -286,11 +286,13 @@ def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfi
     """ONNX Runtime vs PyTorch on real images, for both exported files; a mismatch fails the build.
 
     A strongly typed (FP16) INT8 file computes in FP16 on purpose: argmax may flip on near ties,
-    so only the logits' cosine is held to the threshold there.
+    so only the logits' cosine is held to the threshold there. Elsewhere the agreement bar counts
+    every flip except near ties that rounding decides (`near_tie_flips`): on a weak model a 64-image
+    check otherwise fails a correct export over one image whose top two logits differ by 0.03.
     """
     from .backends.ort import OrtRunner
     from .backends.torch_runner import TorchRunner
-    from .measure.evaluate import agreement, cosine_similarity, predict
+    from .measure.evaluate import agreement, cosine_similarity, near_tie_flips, predict
 
     images = calib.subset(range(min(cfg.verify_images, len(calib))))
     result = {"images": len(images), "bars": {"agreement": cfg.verify_min_agreement, "cosine": cfg.verify_min_cosine}}
@@ -301,13 +303,17 @@ def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfi
                 OrtRunner(folder / f"model.{tag}.onnx") as ort:
             a = predict(ref, images, cfg.batch_size, desc=f"verify {tag}")
             b = predict(ort, images, cfg.batch_size, desc=f"verify {tag}")
-        result[tag] = {"agreement": agreement(a, b), "cosine": cosine_similarity(a, b),
-                       "max_abs_diff": float(np.abs(a.logits - b.logits).max())}
+        ties = near_tie_flips(a, b)
+        # "agreement_checked": what the bar is held to, near-tie flips counted as agreeing.
+        result[tag] = {"agreement": agreement(a, b), "near_tie_flips": ties,
+                       "agreement_checked": agreement(a, b) + 100.0 * ties / len(images),
+                       "cosine": cosine_similarity(a, b), "max_abs_diff": float(np.abs(a.logits - b.logits).max())}
         check_argmax = not (fp16_int8 and tag == "int8")
-        if (check_argmax and result[tag]["agreement"] < cfg.verify_min_agreement) \
+        if (check_argmax and result[tag]["agreement_checked"] < cfg.verify_min_agreement) \
                 or result[tag]["cosine"] < cfg.verify_min_cosine:
+            forgiven = f" ({ties} near-tie flips not counted)" if ties else ""
             raise ExportError(f"model.{tag}.onnx in ONNX Runtime does not reproduce PyTorch: agreement "
-                              f"{result[tag]['agreement']:.2f} %, cosine {result[tag]['cosine']:.5f} (bars "
+                              f"{result[tag]['agreement']:.2f} %{forgiven}, cosine {result[tag]['cosine']:.5f} (bars "
                               f"{cfg.verify_min_agreement:g} %, {cfg.verify_min_cosine:g}){_near_tie_hint(a, b)}")
     return result
 

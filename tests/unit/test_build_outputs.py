@@ -78,3 +78,20 @@ def test_near_tie_hint_only_when_the_logits_are_near_ties():
     trained = untrained.copy()
     trained[np.arange(64), rng.integers(0, 10, 64)] += 5.0                   # one clear winner per image
     assert _near_tie_hint(Predictions(trained, None), Predictions(trained + noise, None)) == ""
+
+
+def test_near_tie_flips_are_told_apart_from_real_mismatches():
+    """A flip where the logits moved by ≤ 1 % of their spread is rounding on a near tie; more is a mismatch."""
+    from vitdeploy.measure.evaluate import Predictions, near_tie_flips
+
+    logits = np.array([[5.0, 5.02, 0.0, -1.0],     # top two 0.02 apart: a near tie
+                       [5.0, 1.0, 0.0, -1.0]], np.float32)
+    nudged = logits.copy()
+    nudged[0, 0] += 0.03                             # 0.5 % of the spread 6.02: flips image 0
+    assert near_tie_flips(Predictions(logits, None), Predictions(nudged, None)) == 1
+    broken = logits.copy()
+    broken[1, 1] += 4.5                              # 75 % of the spread: a real mismatch
+    assert near_tie_flips(Predictions(logits, None), Predictions(broken, None)) == 0
+    both = nudged.copy()
+    both[1, 1] += 4.5
+    assert near_tie_flips(Predictions(logits, None), Predictions(both, None)) == 1

@@ -47,6 +47,21 @@ def agreement(a: Predictions, b: Predictions) -> float:
     return float((a.argmax == b.argmax).mean() * 100.0)
 
 
+def near_tie_flips(a: Predictions, b: Predictions, tolerance: float = 0.01) -> int:
+    """Images whose argmax differs only because the top two logits nearly tie.
+
+    Two runtimes executing the same INT8 graph can round an activation to neighbouring codes
+    (different summation order); that moves an image's logits by a small fraction of their spread,
+    enough to swap two classes that nearly tie. A flip counts here when the largest logit difference
+    is within ``tolerance`` (1 %) of the image's logit spread (max - min in ``a``): the two models
+    still compute the same thing there. A wrong scale or a misplaced Q/DQ moves logits far more.
+    """
+    flipped = a.argmax != b.argmax
+    spread = a.logits.max(axis=1) - a.logits.min(axis=1)
+    close = np.abs(a.logits - b.logits).max(axis=1) <= tolerance * spread
+    return int((flipped & close).sum())
+
+
 def cosine_similarity(a: Predictions, b: Predictions) -> float:
     """Mean over images of the cosine between the two logit vectors."""
     num = (a.logits * b.logits).sum(axis=1)
