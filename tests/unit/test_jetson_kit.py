@@ -405,6 +405,19 @@ def test_markdown_table_matches_vitdeploy_report_table():
         table(["precision", "batch", "size (MB)"], rows)
 
 
+def test_markdown_tables_escape_pipes_inside_cells():
+    """"max |Δlogit|" as a header must stay one column: every line keeps one unescaped "|" per border."""
+    import re
+
+    from vitdeploy.report import table
+
+    headers, rows = ["model", "max |Δlogit|"], [["a|b", "0.05"]]
+    for text in (table(headers, rows), bench.markdown_table(headers, rows)):
+        assert all(len(re.findall(r"(?<!\\)\|", line)) == 3 for line in text.splitlines())
+        assert "max \\|Δlogit\\|" in text and "a\\|b" in text
+    assert table(headers, rows) == bench.markdown_table(headers, rows)
+
+
 def test_format_tegrastats_table():
     summary = bench.summarize_tegrastats([bench.parse_tegrastats(ORIN_1), bench.parse_tegrastats(ORIN_2)])
     report = bench.make_report("d", "10.3.0", [], engines=[{"label": "int8", "tegrastats": summary},

@@ -656,8 +656,8 @@ def _fmt(value, digits=2, suffix=""):
 
 def markdown_table(headers, rows):
     """A GitHub-flavoured Markdown table, first column left-aligned, the others right-aligned
-    (the layout of vitdeploy.report.table)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    (the layout of vitdeploy.report.table; a "|" inside a cell is escaped)."""
+    cells = [[str(c).replace("|", "\\|") for c in row] for row in [headers] + list(rows)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(r):
