@@ -18,9 +18,10 @@ Columns: top-1, agreement (%) with the FP32 model's predictions, the mean KL(FP3
 of the output distributions (noise-free where agreement moves by a few images), and the flipped
 images: how many, and how many of them are close calls for FP32 itself (top-2 logit margin below
 --close, 0.1 by default); and, against plain in the same setting, the images each variant fixes and
-breaks, with McNemar's exact two-sided p-value (is the agreement difference more than chance?). Where agreement is saturated (mnist_vit at INT8) the flips are close calls
-that any quantization noise decides, so agreement there cannot rank the techniques; KL can. Takes about
-5 minutes on 2 idle cores. cifar10_vit: calibration from train_10k.npz, evaluation on the first
+breaks, with McNemar's exact two-sided p-value (is the agreement difference more than chance?).
+Where agreement is saturated (mnist_vit at INT8) the flips are close calls that any quantization
+noise decides, so agreement there cannot rank the techniques; KL can. Takes about 5 minutes on 2
+idle cores. cifar10_vit: calibration from train_10k.npz, evaluation on the first
 --images test.npz images; mnist_vit: calibration from t10k images 5000–9999, evaluation on 0–4999.
 """
 from __future__ import annotations

@@ -303,10 +303,9 @@ def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfi
                 OrtRunner(folder / f"model.{tag}.onnx") as ort:
             a = predict(ref, images, cfg.batch_size, desc=f"verify {tag}")
             b = predict(ort, images, cfg.batch_size, desc=f"verify {tag}")
-        ties = near_tie_flips(a, b)
+        agree, ties = agreement(a, b), near_tie_flips(a, b)
         # "agreement_checked": what the bar is held to, near-tie flips counted as agreeing.
-        result[tag] = {"agreement": agreement(a, b), "near_tie_flips": ties,
-                       "agreement_checked": agreement(a, b) + 100.0 * ties / len(images),
+        result[tag] = {"agreement": agree, "near_tie_flips": ties, "agreement_checked": agree + 100.0 * ties / len(images),
                        "cosine": cosine_similarity(a, b), "max_abs_diff": float(np.abs(a.logits - b.logits).max())}
         check_argmax = not (fp16_int8 and tag == "int8")
         if (check_argmax and result[tag]["agreement_checked"] < cfg.verify_min_agreement) \

@@ -58,10 +58,10 @@ from .attention import MATMULS
 # between Softmax and its Q/DQ is outside the fused INT8 MHA pattern, a speed cost no machine
 # here can measure; on cpu (uint8 softmax, free in ONNX Runtime) the default plan's mnist_vit
 # build measured 99.82 % agreement with all three against 99.86 % without (2 images of 5,000).
-# Rescale alone and bias correction alone move nothing at 8 bits (these models' LayerNorm outputs
-# have no outlier channels) and bias correction alone is worse on mnist_vit (INT8: 6 images broken,
-# none fixed, McNemar p = 0.03; matching each layer's measured output mean instead did no better)
-# -- they help only on top of the shift, if at all. So they are switches (--shift, --rescale,
+# Rescale alone moves nothing at 8 bits (these models' LayerNorm outputs have no outlier channels);
+# bias correction alone never helps and is worse on mnist_vit (INT8: 6 images broken, none fixed,
+# McNemar p = 0.03; matching each layer's measured output mean instead did no better). Both help
+# only on top of the shift, if at all. So they are switches (--shift, --rescale,
 # --bias-correction) for harder models and bit widths, recorded in build.json; a default build is
 # unchanged.
 DEFAULT_SHIFT = False
