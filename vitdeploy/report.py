@@ -38,6 +38,8 @@ def _amax(value) -> str:
 
 
 def write_build_report(path: Path, record: dict) -> None:
+    from .measure.evaluate import NEAR_TIE_TOLERANCE
+
     spec = record["preprocessing"]
     calib = record["inputs"]["calibration"]
     verification = record["verification"]
@@ -64,8 +66,8 @@ def write_build_report(path: Path, record: dict) -> None:
                 f"{v['max_abs_diff']:.3g}"]
                for tag, v in ((t, verification[t]) for t in ("fp32", "int8") if t in verification)]),
         "",
-        f"Bars: agreement ≥ {bars['agreement']:g} % (near-tie flips, where the logits moved by ≤ 1 % of their "
-        f"spread, not counted), cosine ≥ {bars['cosine']:g}.",
+        f"Bars: agreement ≥ {bars['agreement']:g} % (near-tie flips, where the logits moved by ≤ "
+        f"{NEAR_TIE_TOLERANCE * 100:g} % of their spread, not counted), cosine ≥ {bars['cosine']:g}.",
     ]
     acc = record.get("accuracy")
     if acc:

@@ -47,13 +47,17 @@ def agreement(a: Predictions, b: Predictions) -> float:
     return float((a.argmax == b.argmax).mean() * 100.0)
 
 
-def near_tie_flips(a: Predictions, b: Predictions, tolerance: float = 0.01) -> int:
+#: A flip whose logits moved by at most this share of their spread is a near tie (`near_tie_flips`).
+NEAR_TIE_TOLERANCE = 0.01
+
+
+def near_tie_flips(a: Predictions, b: Predictions, tolerance: float = NEAR_TIE_TOLERANCE) -> int:
     """Images whose argmax differs only because the top two logits nearly tie.
 
     Two runtimes executing the same INT8 graph can round an activation to neighbouring codes
     (different summation order); that moves an image's logits by a small fraction of their spread,
     enough to swap two classes that nearly tie. A flip counts here when the largest logit difference
-    is within ``tolerance`` (1 %) of the image's logit spread (max - min in ``a``): the two models
+    is within ``tolerance`` (default 1 %) of the image's logit spread (max - min in ``a``): the two models
     still compute the same thing there. A wrong scale or a misplaced Q/DQ moves logits far more.
     """
     flipped = a.argmax != b.argmax
