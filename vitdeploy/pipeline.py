@@ -117,8 +117,8 @@ def build(cfg: BuildConfig) -> dict:
             (tmp / "model.prepared.onnx").unlink()
         amax = _export_int8(fp32_proto, qmodel, target, tmp) if qmodel is not None else None
         violations = _lint(tmp, target)
-        verification = _verify(qmodel, model, spec, calib, tmp, cfg, fp16_int8=target.strongly_typed)
-        accuracy = _evaluate(tmp, eval_images, cfg.batch_size) if eval_images is not None else None
+        verification = _verify(qmodel, model, spec, calib, tmp, cfg, target)
+        accuracy = _evaluate(tmp, eval_images, cfg.batch_size, target) if eval_images is not None else None
         record = {
             "name": spec.name,
             "target": target.name,
@@ -142,6 +142,7 @@ def build(cfg: BuildConfig) -> dict:
             "lint": [str(v) for v in violations],
             "verification": verification,
             "accuracy": accuracy,
+            "cpu": _cpu_record(tmp, verification),
         }
         _write_outputs(tmp, record, precision, target, calib, amax)
         record["build_seconds"] = round(time.time() - started, 2)
@@ -170,8 +171,21 @@ def _export_int8(fp32_proto, qmodel, target, folder: Path) -> dict:
         from .export.fp16 import to_fp16
 
         proto = to_fp16(proto)  # TensorRT strongly typed networks take precisions from the ONNX types
+    _set_cpu_exactness(proto)
     save_model(proto, folder / "model.int8.onnx")
     return amax
+
+
+def _set_cpu_exactness(proto) -> None:
+    """Metadata: the CPU kernel families whose ONNX Runtime computes this file exactly (eval/bench read it)."""
+    from .cpu_isa import METADATA_KEY, exact_on
+
+    value = ",".join(exact_on(proto))
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = value
+            return
+    proto.metadata_props.add(key=METADATA_KEY, value=value)
 
 
 def _lint(folder: Path, target) -> list:
@@ -282,39 +296,87 @@ def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
     return qmodel, prepared, record, time.perf_counter() - start
 
 
-def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfig, fp16_int8: bool = False) -> dict:
+def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfig, target) -> dict:
     """ONNX Runtime vs PyTorch on real images, for both exported files; a mismatch fails the build.
 
-    A strongly typed (FP16) INT8 file computes in FP16 on purpose: argmax may flip on near ties,
-    so only the logits' cosine is held to the threshold there. Elsewhere the agreement bar counts
-    every flip except near ties that rounding decides (`near_tie_flips`): on a weak model a 64-image
-    check otherwise fails a correct export over one image whose top two logits differ by 0.03.
+    The INT8 file is run with Q/DQ evaluated in float, the ONNX semantics TensorRT computes: the
+    check says the *model* is right, whatever this host's integer kernels do. A cpu build then
+    checks the *host* (`_verify_host`). A strongly typed (FP16) INT8 file computes in FP16 on
+    purpose: argmax may flip on near ties, so only the logits' cosine is held to the threshold
+    there. Elsewhere the agreement bar counts every flip except near ties that rounding decides
+    (`near_tie_flips`): on a weak model a 64-image check otherwise fails a correct export over one
+    image whose top two logits differ by 0.03.
     """
     from .backends.ort import OrtRunner
     from .backends.torch_runner import TorchRunner
-    from .measure.evaluate import agreement, cosine_similarity, near_tie_flips, predict
+    from .measure.evaluate import predict
 
     images = calib.subset(range(min(cfg.verify_images, len(calib))))
-    result = {"images": len(images), "bars": {"agreement": cfg.verify_min_agreement, "cosine": cfg.verify_min_cosine}}
+    result = {"images": len(images), "bars": {"agreement": cfg.verify_min_agreement, "cosine": cfg.verify_min_cosine},
+              "reference": "ONNX Runtime with Q/DQ evaluated in float (session.disable_quant_qdq): what TensorRT computes"}
+    predictions = {}
     for tag, torch_model in (("fp32", model), ("int8", qmodel)):
         if torch_model is None:
             continue
         with TorchRunner(torch_model, spec.input_name, spec.output_name, spec.input_size) as ref, \
-                OrtRunner(folder / f"model.{tag}.onnx") as ort:
+                OrtRunner(folder / f"model.{tag}.onnx", qdq="float", warn_inexact=False) as ort:
             a = predict(ref, images, cfg.batch_size, desc=f"verify {tag}")
             b = predict(ort, images, cfg.batch_size, desc=f"verify {tag}")
-        agree, ties = agreement(a, b), near_tie_flips(a, b)
-        # "agreement_checked": what the bar is held to, near-tie flips counted as agreeing.
-        result[tag] = {"agreement": agree, "near_tie_flips": ties, "agreement_checked": agree + 100.0 * ties / len(images),
-                       "cosine": cosine_similarity(a, b), "max_abs_diff": float(np.abs(a.logits - b.logits).max())}
-        check_argmax = not (fp16_int8 and tag == "int8")
-        if (check_argmax and result[tag]["agreement_checked"] < cfg.verify_min_agreement) \
-                or result[tag]["cosine"] < cfg.verify_min_cosine:
-            forgiven = f" ({ties} near-tie flips not counted)" if ties else ""
-            raise ExportError(f"model.{tag}.onnx in ONNX Runtime does not reproduce PyTorch: agreement "
-                              f"{result[tag]['agreement']:.2f} %{forgiven}, cosine {result[tag]['cosine']:.5f} (bars "
-                              f"{cfg.verify_min_agreement:g} %, {cfg.verify_min_cosine:g}){_near_tie_hint(a, b)}")
+        predictions[tag] = b
+        result[tag] = _compare(a, b, cfg, check_argmax=not (target.strongly_typed and tag == "int8"),
+                               what=f"model.{tag}.onnx in ONNX Runtime does not reproduce PyTorch")
+    if qmodel is not None and target.qdq_placement == "onnxruntime":
+        result["int8_host"] = _verify_host(folder / "model.int8.onnx", images, predictions["int8"], cfg)
     return result
+
+
+def _compare(reference, other, cfg: BuildConfig, check_argmax: bool, what: str) -> dict:
+    """Agreement, near ties and cosine of two runs; ExportError starting with ``what`` below the bars."""
+    from .measure.evaluate import agreement, cosine_similarity, near_tie_flips
+
+    agree, ties = agreement(reference, other), near_tie_flips(reference, other)
+    # "agreement_checked": what the bar is held to, near-tie flips counted as agreeing.
+    record = {"agreement": agree, "near_tie_flips": ties, "agreement_checked": agree + 100.0 * ties / reference.n,
+              "cosine": cosine_similarity(reference, other),
+              "max_abs_diff": float(np.abs(reference.logits - other.logits).max())}
+    if (check_argmax and record["agreement_checked"] < cfg.verify_min_agreement) \
+            or record["cosine"] < cfg.verify_min_cosine:
+        forgiven = f" ({ties} near-tie flips not counted)" if ties else ""
+        raise ExportError(f"{what}: agreement {agree:.2f} %{forgiven}, cosine {record['cosine']:.5f} (bars "
+                          f"{cfg.verify_min_agreement:g} %, {cfg.verify_min_cosine:g}){_near_tie_hint(reference, other)}")
+    return record
+
+
+def _verify_host(path: Path, images, float_qdq, cfg: BuildConfig) -> dict:
+    """This CPU's fused integer kernels against the same file with Q/DQ in float.
+
+    First each quantized layer alone at its worst-case input (`kernel_check`): integer saturation
+    shows there, named, whatever the model. Then the whole file on the verification images.
+    """
+    import onnx
+
+    from .backends.ort import OrtRunner
+    from .cpu_isa import FAMILIES, file_exact_on, host_isa
+    from .measure.evaluate import predict
+    from .measure.kernel_check import check_integer_kernels
+
+    isa = host_isa()
+    kernels = check_integer_kernels(onnx.load(str(path)))
+    if not kernels.exact:
+        exact = ", ".join(file_exact_on(path))
+        raise ExportError(
+            f"{path.name}: ONNX Runtime's integer kernels on this CPU ({FAMILIES.get(isa, isa)}) do not compute "
+            f"{len(kernels.failed)} of {kernels.layers} quantized layers exactly (integer saturation; worst "
+            f"{kernels.worst}, {100 * kernels.max_rel_error:.1f} % off its float Q/DQ result); the file claims to be "
+            f"exact on {exact or 'no CPU'}: please report it, with the output of 'vitdeploy targets'")
+    with OrtRunner(path, warn_inexact=False) as runner:
+        fused = predict(runner, images, cfg.batch_size, desc="verify int8 on this CPU")
+    record = _compare(float_qdq, fused, cfg, check_argmax=True,
+                      what=f"{path.name}: every quantized layer is exact on this CPU ({isa}) alone, but the whole "
+                           f"model amplifies the fused kernels' float rounding (a neighbouring INT8 code now and "
+                           f"then) beyond the bars, so this plan quantizes layers the model cannot afford (see "
+                           f"vitdeploy analyze)")
+    return {"isa": isa, "kernels": kernels.as_dict(), **record}
 
 
 def _near_tie_hint(reference, other) -> str:
@@ -334,18 +396,42 @@ def _near_tie_hint(reference, other) -> str:
             f"can lower the bars; with a trained model, please report it")
 
 
-def _evaluate(folder: Path, images, batch_size: int) -> dict:
+def _cpu_record(folder: Path, verification: dict) -> Optional[dict]:
+    """build.json "cpu": this host's kernel family, where model.int8.onnx is exact, where that was checked."""
+    from .cpu_isa import file_exact_on, host_isa
+
+    path = folder / "model.int8.onnx"
+    if not path.exists():
+        return None
+    host = verification.get("int8_host")
+    return {"host_isa": host_isa(), "exact_on": file_exact_on(path),
+            "verified_on": [host["isa"]] if host else [],
+            "note": "exact_on: ONNX Runtime's fused integer kernels compute the ONNX Q/DQ result there "
+                    "(vitdeploy/cpu_isa.py); verified_on: checked layer by layer on this host"}
+
+
+def _evaluate(folder: Path, images, batch_size: int, target) -> dict:
+    """FP32 vs INT8 top-1 and agreement in ONNX Runtime. INT8 as the target computes it: Q/DQ in float
+    for TensorRT; for cpu this host's fused kernels (what an app gets), and Q/DQ in float beside it."""
     from .backends.ort import OrtRunner
     from .measure.evaluate import agreement, predict
 
+    runs = [("fp32", "fused")]
+    if (folder / "model.int8.onnx").exists():
+        runs += [("int8", "fused"), ("int8", "float")] if target.qdq_placement == "onnxruntime" else [("int8", "float")]
     preds = {}
-    for tag in ("fp32", "int8"):
-        if (folder / f"model.{tag}.onnx").exists():
-            with OrtRunner(folder / f"model.{tag}.onnx") as runner:
-                preds[tag] = predict(runner, images, max(batch_size, 128), desc=f"evaluate {tag}")
-    result = {"images": preds["fp32"].n, "fp32_top1": preds["fp32"].top1}
-    if "int8" in preds:
-        result.update(int8_top1=preds["int8"].top1, agreement=agreement(preds["fp32"], preds["int8"]))
+    for tag, qdq in runs:
+        with OrtRunner(folder / f"model.{tag}.onnx", qdq=qdq, warn_inexact=False) as runner:
+            preds[(tag, qdq)] = predict(runner, images, max(batch_size, 128), desc=f"evaluate {tag}")
+    fp32 = preds[("fp32", "fused")]
+    result = {"images": fp32.n, "fp32_top1": fp32.top1}
+    for (tag, qdq), p in preds.items():
+        if tag == "int8":
+            suffix = "" if qdq == runs[1][1] else "_float_qdq"
+            result.update({f"int8{suffix}_top1": p.top1, f"agreement{suffix}": agreement(fp32, p)})
+    if "int8_top1" in result:
+        result["int8_computed_by"] = ("ONNX Runtime's fused integer kernels on this CPU" if runs[1][1] == "fused"
+                                      else "ONNX Runtime with Q/DQ in float (what TensorRT computes)")
     return result
 
 
@@ -365,7 +451,9 @@ def _layer_record(layer, precision: str, qmodel, cfg: BuildConfig) -> dict:
         record.update(describe_matmul(modules[attn_path], matmul))
     else:
         record["input_amax"] = float(modules[layer.name].input_quantizer.amax)
-        record["weights"] = "int8 symmetric, per output channel (max |w|)"
+        bits = modules[layer.name].weight_quantizer.num_bits
+        record["weights"] = "int8 symmetric, per output channel (max |w|)" + \
+            ("" if bits == 8 else f", {bits}-bit codes (|code| <= {2 ** (bits - 1) - 1}: exact on every CPU)")
         record["activations"] = "int8 symmetric, per tensor"
         record.update(describe_input(modules[layer.name]))
     record["scales_source"] = f"{cfg.calib_method} calibration"

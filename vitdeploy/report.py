@@ -59,23 +59,35 @@ def write_build_report(path: Path, record: dict) -> None:
         "",
         table(["file", "size (MB)"], [[name, size / 1e6] for name, size in record["files"].items()]),
         "",
-        "## Verification (ONNX Runtime vs PyTorch)",
+        "## Verification (ONNX Runtime vs PyTorch; INT8 with Q/DQ in float, as TensorRT computes it)",
         "",
         table(["model", "images", "argmax agreement %", "near-tie flips", "cosine", "max |Δlogit|"],
-              [[tag, verification["images"], v["agreement"], v.get("near_tie_flips", 0), f"{v['cosine']:.6f}",
+              [[label, verification["images"], v["agreement"], v.get("near_tie_flips", 0), f"{v['cosine']:.6f}",
                 f"{v['max_abs_diff']:.3g}"]
-               for tag, v in ((t, verification[t]) for t in ("fp32", "int8") if t in verification)]),
+               for label, v in ((label, verification[t]) for t, label in
+                                (("fp32", "fp32"), ("int8", "int8"),
+                                 ("int8_host", "int8, this CPU's fused kernels vs Q/DQ in float")) if t in verification)]),
         "",
         f"Bars: agreement ≥ {bars['agreement']:g} % (near-tie flips, where the logits moved by ≤ "
         f"{NEAR_TIE_TOLERANCE * 100:g} % of their spread, not counted), cosine ≥ {bars['cosine']:g}.",
     ]
+    cpu = record.get("cpu")
+    if cpu:
+        host = verification.get("int8_host")
+        lines += ["", f"CPU kernels: model.int8.onnx is exact in ONNX Runtime on {', '.join(cpu['exact_on']) or 'none'}; "
+                      f"this host is {cpu['host_isa']}" + (f", checked layer by layer ({host['kernels']['layers']} layers, "
+                      f"largest relative difference {host['kernels']['max_rel_error']:.1e})." if host else ".")]
     acc = record.get("accuracy")
     if acc:
         lines += ["", f"## Accuracy on `{record['inputs']['eval_data']}` ({acc['images']} images, ONNX Runtime)", "",
                   table(["model", "top-1 %"], [["FP32", acc["fp32_top1"]]] +
                         ([["INT8", acc["int8_top1"]]] if "int8_top1" in acc else []))]
         if "agreement" in acc:
-            lines += ["", f"INT8 predicts the same class as FP32 on {acc['agreement']:.2f} % of the images."]
+            lines += ["", f"INT8 ({acc.get('int8_computed_by', 'ONNX Runtime')}) predicts the same class as FP32 on "
+                          f"{acc['agreement']:.2f} % of the images."]
+        if "agreement_float_qdq" in acc:
+            lines += [f"With Q/DQ evaluated in float: top-1 {acc['int8_float_qdq_top1']:.2f} %, agreement "
+                      f"{acc['agreement_float_qdq']:.2f} %."]
     lines += ["", "## Layers", "",
               table(["layer", "role", "precision", "MACs/image", "input amax"],
                     [[l["name"], l["role"], l["precision"], l["macs"], _amax(l.get("input_amax"))] for l in record["layers"]]),

