@@ -135,9 +135,13 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_targets(args) -> int:
+    from .cpu_isa import FAMILIES, host_isa
     from .targets import format_targets_table
 
     print(format_targets_table())
+    isa = host_isa()
+    print(f"this host: {isa} ({FAMILIES.get(isa, 'kernel family not recognised')}); cpu files are exact on every "
+          f"CPU kernel family: {', '.join(FAMILIES)}")
     return 0
 
 
@@ -158,13 +162,15 @@ def cmd_eval(args) -> int:
     images = load_images(args.data, spec, require_labels=True, what="evaluation data")
     if args.limit:
         images = images.subset(range(min(args.limit, len(images))))
-    with OrtRunner(args.onnx, threads=args.threads) as runner:
+    qdq = "float" if args.float_qdq else "fused"
+    with OrtRunner(args.onnx, threads=args.threads, qdq=qdq) as runner:
         preds = predict(runner, images, args.batch_size)
-    result = {"model": str(args.onnx), "data": str(args.data), "top1": preds.top1, "n": preds.n}
+    result = {"model": str(args.onnx), "data": str(args.data), "top1": preds.top1, "n": preds.n, "qdq": qdq}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"top-1 {preds.top1:.2f} % on {preds.n} images ({args.onnx})")
+        how = ", Q/DQ in float" if args.float_qdq else ""
+        print(f"top-1 {preds.top1:.2f} % on {preds.n} images ({args.onnx}{how})")
     return 0
 
 
@@ -268,6 +274,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--float-qdq", action="store_true",
+                   help="evaluate Q/DQ in float, as ONNX defines it and TensorRT computes it (default: ONNX Runtime's "
+                        "fused integer kernels, which on some CPUs differ for full-range INT8 files)")
     add_preprocessing_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_eval)

@@ -36,8 +36,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["FAMILIES", "SATURATING", "host_isa", "exact_on", "weight_code_limit", "inexact_reason",
-           "METADATA_KEY", "file_exact_on"]
+__all__ = ["FAMILIES", "SATURATING", "SAFE_S8_CODE", "host_isa", "exact_on", "weight_code_limit", "inexact_reason",
+           "METADATA_KEY", "file_exact_on", "int8_operands"]
 
 #: Kernel families, as written into build.json and the model's metadata ("exact on ...").
 FAMILIES: Dict[str, str] = {
@@ -122,7 +122,7 @@ def weight_code_limit(family: str) -> int:
     return SAFE_S8_CODE if family in SATURATING else 128
 
 
-def _int8_operands(model) -> Iterable[Tuple[str, Optional[int], str]]:
+def int8_operands(model) -> Iterable[Tuple[str, Optional[int], str]]:
     """(node name, largest |code| of its signed second operand or None if unsigned, "weight"/"activation")."""
     import onnx
     from onnx import numpy_helper
@@ -153,7 +153,7 @@ def _int8_operands(model) -> Iterable[Tuple[str, Optional[int], str]]:
 
 def exact_on(model) -> List[str]:
     """The families whose fused kernels compute this QDQ model's float Q/DQ result exactly."""
-    worst = max((code for _, code, _ in _int8_operands(model) if code is not None), default=0)
+    worst = max((code for _, code, _ in int8_operands(model) if code is not None), default=0)
     return [f for f in FAMILIES if worst <= weight_code_limit(f)]
 
 

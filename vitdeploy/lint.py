@@ -40,6 +40,7 @@ RULES: Mapping[str, str] = MappingProxyType({
     "attention-head-size": "INT8 MHA fusion needs a head size of 16, 32 or 64",
     "attention-tokens": "INT8 MHA fusion needs a sequence length <= 512",
     "attention-softmax-shift": "a Sub between Softmax and its Q/DQ (shifted softmax) is not in the MHA pattern",
+    "cpu-saturating-operand": "cpu: an s8 operand beyond ±64 saturates ONNX Runtime's x86 AVX2 / AVX-512 kernels",
 })
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -661,7 +662,26 @@ def lint_model(model: ModelLike, target: Union[Target, str]) -> list[Violation]:
     found += _check_activation_per_channel(g, target)
     found += _check_weight_axis(g, target)
     found += _check_attention(g, target)
+    found += _check_cpu_operands(proto, target)
     return found
+
+
+def _check_cpu_operands(model: onnx.ModelProto, target: Target) -> Iterator[Violation]:
+    """`cpu-saturating-operand`: a cpu file must compute the same on every CPU (vitdeploy/cpu_isa.py)."""
+    if target.is_tensorrt:
+        return  # TensorRT sums INT8 products in int32
+    from vitdeploy.cpu_isa import SAFE_S8_CODE, int8_operands
+
+    try:
+        operands = list(int8_operands(model))
+    except Exception:  # noqa: BLE001 -- external or unreadable weights: nothing to check here
+        return
+    for node, code, kind in operands:
+        if code is not None and code > SAFE_S8_CODE:
+            yield Violation("cpu-saturating-operand", node or "?",
+                            f"its int8 {kind} operand reaches |code| {code}: on x86 AVX2 / AVX-512 without VNNI ONNX "
+                            f"Runtime sums u8 x s8 pairs in saturating int16, exact only within ±{SAFE_S8_CODE}; use "
+                            f"7-bit weights (or uint8 for an activation)", _ERROR)
 
 
 def lint_errors(violations: Iterable[Violation]) -> list[Violation]:
