@@ -33,11 +33,14 @@ def _model(nodes, inits, inputs=(("x", [None, 4]),), outputs=(("y", [None, 3]),)
     return model
 
 
-def _run(model: onnx.ModelProto, feeds: dict, optimize: bool = True) -> list:
+def _run(model: onnx.ModelProto, feeds: dict, optimize: bool = True, float_qdq: bool = False) -> list:
+    """ONNX Runtime: fused integer kernels (default), no graph optimisation at all, or Q/DQ in float."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if float_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
@@ -77,10 +80,16 @@ def test_signed_to_unsigned_is_exact_over_the_whole_range():
     assert before.min() == pytest.approx(-128 * scale) and before.max() == pytest.approx(127 * scale)
 
 
+# Synthetic weights stay within ±63, the codes the cpu target writes: full-range INT8 weights are
+# not summed exactly by ONNX Runtime's x86 AVX2 kernels (vitdeploy/cpu_isa.py), and these tests
+# compare fused kernels with each other, which must not depend on the host.
+W_CODES = (-63, 64)
+
+
 def _two_layer_model(scale_b: float = 0.1):
     rng = np.random.default_rng(0)
-    w1 = rng.integers(-127, 128, size=(4, 3)).astype(np.int8)
-    w2 = rng.integers(-127, 128, size=(4, 3)).astype(np.int8)
+    w1 = rng.integers(*W_CODES, size=(4, 3)).astype(np.int8)
+    w2 = rng.integers(*W_CODES, size=(4, 3)).astype(np.int8)
     nodes = (_qdq("x", "a", "s_a", "z_a") + _qdq("x", "b", "s_b", "z_b") + [
         helper.make_node("DequantizeLinear", ["w1", "ws", "wz"], ["w1_dq"], axis=1),
         helper.make_node("DequantizeLinear", ["w2", "ws", "wz"], ["w2_dq"], axis=1),
@@ -148,7 +157,7 @@ def _gemm_model(beta: float = 1.0, trans_a: int = 0):
     nodes = _qdq("x", "a") + [helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["w_dq"], axis=0),
                               helper.make_node("Gemm", ["a_dq", "w_dq", "b"], ["y"], transB=1, beta=beta,
                                                transA=trans_a)]
-    inits = {"s": np.float32(0.05), "z": np.int8(0), "w": rng.integers(-127, 128, size=(3, 4)).astype(np.int8),
+    inits = {"s": np.float32(0.05), "z": np.int8(0), "w": rng.integers(*W_CODES, size=(3, 4)).astype(np.int8),
              "ws": np.array([0.01, 0.02, 0.03], np.float32), "wz": np.zeros(3, np.int8),
              "b": np.array([0.5, -1.0, 2.0], np.float32)}
     shape = [4, None] if trans_a else [None, 4]
@@ -181,7 +190,7 @@ def _conv_model(stride: int = 4, pads=(0, 0, 0, 0), bias: bool = True):
     nodes = _qdq("x", "a") + [helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["w_dq"], axis=0),
                               helper.make_node("Conv", ["a_dq", "w_dq"] + (["b"] if bias else []), ["y"],
                                                kernel_shape=[4, 4], strides=[stride, stride], pads=list(pads))]
-    inits = {"s": np.float32(0.05), "z": np.int8(0), "w": rng.integers(-127, 128, size=(6, 3, 4, 4)).astype(np.int8),
+    inits = {"s": np.float32(0.05), "z": np.int8(0), "w": rng.integers(*W_CODES, size=(6, 3, 4, 4)).astype(np.int8),
              "ws": np.linspace(0.01, 0.02, 6).astype(np.float32), "wz": np.zeros(6, np.int8)}
     if bias:
         inits["b"] = np.linspace(-1, 1, 6).astype(np.float32)
@@ -250,9 +259,11 @@ def test_tiny_vit_placed_graph_agrees_with_the_qdq_graph(tiny_build, calib_npz):
     inits = {i.name: i for i in placed.graph.initializer}
     weight_dq = [n for n in placed.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert weight_dq and all(inits[n.input[0]].data_type == TensorProto.INT8 for n in weight_dq)
-    assert not lint_errors(lint_model(placed, "cpu"))
+    # Only the 8-bit weights of a TensorRT build keep the placed file from being a cpu file.
+    assert {e.rule for e in lint_errors(lint_model(placed, "cpu"))} == {"cpu-saturating-operand"}
+    # The same numbers as the ONNX semantics define them (fused kernels: test_cpu_exactness.py).
     x = _images(calib_npz)
-    a, b = _run(qdq, {"input": x})[0], _run(placed, {"input": x})[0]
+    a, b = _run(qdq, {"input": x}, float_qdq=True)[0], _run(placed, {"input": x}, float_qdq=True)[0]
     agreement, cosine = _compare(a, b)
     assert agreement >= MIN_AGREEMENT and cosine >= MIN_COSINE
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())   # float rounding at most
@@ -289,7 +300,7 @@ def test_tiny_vit_with_int8_patch_embed_and_head(tiny_vit, calib_npz, tmp_path):
     assert "Conv" in before_ops and "Gemm" in before_ops            # float kernels on dequantized weights
     assert "Conv" not in after_ops and "Gemm" not in after_ops and "QGemm" in after_ops
     x = _images(calib_npz)
-    a, b = _run(qdq, {"input": x})[0], _run(placed, {"input": x})[0]
+    a, b = _run(qdq, {"input": x}, float_qdq=True)[0], _run(placed, {"input": x}, float_qdq=True)[0]
     agreement, cosine = _compare(a, b)
     assert agreement >= MIN_AGREEMENT and cosine >= MIN_COSINE
     # without ONNX Runtime's fusions both graphs compute exactly the same thing
@@ -320,7 +331,7 @@ def test_real_cifar10_vit(tmp_path):
     qdq = onnx.load(str(out / "model.int8.onnx"))
     placed = place_for_onnxruntime(qdq)
     x = ((data["x"][:500].astype(np.float32).transpose(0, 3, 1, 2) / 255.0) - 0.5) / 0.5
-    a, b = _run(qdq, {"input": x})[0], _run(placed, {"input": x})[0]
+    a, b = _run(qdq, {"input": x}, float_qdq=True)[0], _run(placed, {"input": x}, float_qdq=True)[0]
     agreement, cosine = _compare(a, b)
     assert agreement >= MIN_AGREEMENT and cosine >= MIN_COSINE
     top1 = lambda logits: float((logits.argmax(1) == data["y"][:500]).mean() * 100)
