@@ -372,7 +372,9 @@ def describe_device(threads: int, gpu: Optional[str] = None, backends: Iterable[
     if BACKEND_ORT in backends:
         import onnxruntime
 
-        parts.append(f"CPU {cpu_name()} ({default_threads()} cores, {threads} intra-op threads), "
+        from ..cpu_isa import host_isa
+
+        parts.append(f"CPU {cpu_name()} ({host_isa()}, {default_threads()} cores, {threads} intra-op threads), "
                      f"ONNX Runtime {onnxruntime.__version__}")
     if BACKEND_TRT in backends and gpu:
         parts.append(f"GPU {gpu}")
