@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -119,7 +120,9 @@ def _agreement(a: Path, b: Path) -> dict:
             "max_abs_diff": float(np.abs(ya - yb).max())}
 
 
-def ort_quantize_static(build: Path, calib: Path, work: Path, rebuild: bool, reduce_range: bool = False) -> Path:
+def ort_quantize_static(build: Path, calib: Path, work: Path, rebuild: bool, reduce_range: bool = False,
+                        calib_size: Optional[int] = None) -> Path:
+    """quantize_static on the build's FP32 ONNX; ``calib_size`` images drawn as the build draws them."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -131,7 +134,7 @@ def ort_quantize_static(build: Path, calib: Path, work: Path, rebuild: bool, red
         log(f"reusing {out}")
         return out
     spec = ModelSpec.from_dict(read_json(build / "build.json")["preprocessing"])
-    batches = [x for x, _ in load_images(calib, spec).batches(1)]
+    batches = [x for x, _ in load_images(calib, spec).sample(calib_size).batches(1)]
 
     class Reader(CalibrationDataReader):
         def __init__(self):

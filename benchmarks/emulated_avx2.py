@@ -82,7 +82,7 @@ def main() -> int:
 
     files = {"fp32": work / "cpu" / "model.fp32.onnx", "vitdeploy cpu": work / "cpu" / "model.int8.onnx"}
     for reduce_range in (False, True):
-        out = ort_quantize_static(work / "cpu", calib, work, rebuild=False, reduce_range=reduce_range)
+        out = ort_quantize_static(work / "cpu", calib, work, rebuild=True, reduce_range=reduce_range, calib_size=512)
         files["ORT quantize_static" + (" reduce_range=True" if reduce_range else " (defaults)")] = out
     child = work / "child.py"
     child.write_text(_CHILD.format(root=str(ROOT), data=str(SHARED / "cifar10" / "test.npz")))
