@@ -179,13 +179,9 @@ def _export_int8(fp32_proto, qmodel, target, folder: Path) -> dict:
 def _set_cpu_exactness(proto) -> None:
     """Metadata: the CPU kernel families whose ONNX Runtime computes this file exactly (eval/bench read it)."""
     from .cpu_isa import METADATA_KEY, exact_on
+    from .export.ort_placement import set_metadata
 
-    value = ",".join(exact_on(proto))
-    for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
-            prop.value = value
-            return
-    proto.metadata_props.add(key=METADATA_KEY, value=value)
+    set_metadata(proto, METADATA_KEY, ",".join(exact_on(proto)))
 
 
 def _lint(folder: Path, target) -> list:

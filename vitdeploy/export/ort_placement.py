@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["place_for_onnxruntime", "PlacementStats", "placement_stats"]
+__all__ = ["place_for_onnxruntime", "PlacementStats", "placement_stats", "set_metadata"]
 
 _UINT8_ZERO_POINT = 128
 
@@ -83,7 +83,7 @@ def place_for_onnxruntime(model: onnx.ModelProto, stats: Optional[PlacementStats
         _patch_conv_to_matmul(out, stats)
     _merge_duplicate_quantizers(graph, stats)
     _activations_to_uint8(graph, stats)
-    _set_metadata(out, "vitdeploy.placement", "onnxruntime")
+    set_metadata(out, "vitdeploy.placement", "onnxruntime")
     return out
 
 
@@ -169,7 +169,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
     for prop in model.metadata_props:
         if prop.key == key:
             prop.value = value
