@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import InputError, VitDeployError
+from .errors import InputError, StageFailure, Terminated, VitDeployError, stage
 
 
 # --------------------------------------------------------------------------- argument groups
@@ -46,7 +47,7 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_technique_args(p: argparse.ArgumentParser) -> None:
-    from .quantize.techniques import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE, DEFAULT_SHIFT
+    from .quantize.technique_defaults import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE, DEFAULT_SHIFT
 
     on_off = lambda default: "on" if default else "off"
     g = p.add_argument_group("accuracy techniques (all TensorRT-legal: symmetric Q/DQ, folded into FP32 parameters)")
@@ -100,29 +101,35 @@ def cmd_analyze(args) -> int:
     from .data import load_images
     from .inventory import find_layers
     from .load import load_model
-    from .outputs import atomic_folder
-    from .plan import int8_mac_share
+    from .outputs import OutputFolder, folder_name
+    from .pipeline import warn_fewer_images
+    from .plan import int8_mac_share, write_plan
 
-    model, spec = load_model(args.model, args.arch, args.model_kwargs, args.trust_pickle,
-                             args.input_size, args.mean, args.std)
-    calib = load_images(args.calib, spec, what="calibration data").sample(args.calib_size, args.seed)
-    data = load_images(args.data, spec, require_labels=True, what="labelled data") if args.data else None
-    if args.max_drop is not None and data is None:
+    if args.max_drop is not None and args.data is None:
         raise InputError("--max-drop needs held-out labelled images: pass --data")
-    scored = (data.sample(args.images, args.seed) if data is not None else calib.sample(args.images, args.seed))
-    layers = find_layers(model, spec)
-    report = analyse(model, layers, scored, args.calib_method, name=spec.name)
-    if args.max_drop is not None:
-        plan, history = search_max_drop(model, layers, report, data, args.max_drop, calib, args.calib_method)
-    else:
-        plan = plan_from_scores(report, args.tau_low, args.tau_high)
-    resolved = plan.resolve(layer.name for layer in layers)
-    out = args.out or Path("engines") / f"{spec.name}-analysis"
-    with atomic_folder(out) as tmp:
+    out = args.out or Path("engines") / f"{folder_name(args.model.stem)}-analysis"
+    arch_file = Path(args.arch.rpartition(":")[0]) if args.arch and ":" in args.arch else None
+    with stage("write"):
+        output = OutputFolder(out, [args.model, args.calib, args.data, arch_file]).check()
+    with stage("load"):
+        model, spec = load_model(args.model, args.arch, args.model_kwargs, args.trust_pickle,
+                                 args.input_size, args.mean, args.std)
+        calib_all = load_images(args.calib, spec, what="calibration data")
+        calib = calib_all.sample(args.calib_size, args.seed)
+        warn_fewer_images(args.calib_size, len(calib_all), args.calib)
+        data = load_images(args.data, spec, require_labels=True, what="labelled data") if args.data else None
+        scored = (data.sample(args.images, args.seed) if data is not None else calib.sample(args.images, args.seed))
+        layers = find_layers(model, spec)
+    with stage("analyse"):
+        report = analyse(model, layers, scored, args.calib_method, name=spec.name)
+        if args.max_drop is not None:
+            plan, history = search_max_drop(model, layers, report, data, args.max_drop, calib, args.calib_method)
+        else:
+            plan = plan_from_scores(report, args.tau_low, args.tau_high)
+        resolved = plan.resolve(layer.name for layer in layers)
+    with stage("write"), output.write() as tmp:
         write_json(tmp / "sensitivity.json", report.to_dict())
         write_png(report, tmp / "sensitivity.png")
-        from .plan import write_plan
-
         write_plan(tmp / "plan.json", resolved, {**plan.meta, "model": spec.name})
     print(format_table(report, resolved))
     print(f"INT8 share of Linear/Conv MACs: {int8_mac_share(layers, resolved):.1f} %  "
@@ -342,16 +349,41 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         logging.getLogger("vitdeploy").setLevel(logging.WARNING)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = False
+    try:
         return args.func(args)
     except VitDeployError as exc:
         if args.debug:
             raise
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
-        print(f"vitdeploy: error: {message or type(exc).__name__}", file=sys.stderr)
+        where = f"{exc.stage}: " if exc.stage else ""
+        print(f"vitdeploy: error: {where}{message or type(exc).__name__}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("vitdeploy: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        terminated = isinstance(exc, Terminated)
+        where = f" during {exc.stage}" if getattr(exc, "stage", None) else ""
+        print(f"vitdeploy: {'terminated (SIGTERM)' if terminated else 'interrupted'}{where}; no output was written",
+              file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as exc:  # outside any stage: still one line
+        if args.debug:
+            raise
+        print(f"vitdeploy: error: {StageFailure(args.command, exc)}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not False:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _terminate(signum, frame):
+    """SIGTERM raises where the program is, so every cleanup that Ctrl-C runs runs too; a second one
+    during that cleanup is ignored (SIGKILL still works)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,9 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .artifacts import ModelSpec, write_json
-from .errors import ExportError, InputError
+from .errors import ExportError, InputError, stage
 from .log import get_logger, progress
-from .outputs import atomic_folder
+from .outputs import OutputFolder, folder_name
 
 log = get_logger(__name__)
 
@@ -62,22 +61,27 @@ class BuildConfig:
     trt_calibrator: Optional[str] = None   # "entropy": implicit INT8 (TensorRT ≤ 10, deprecated since 10.1)
     max_batch: int = 8
 
-    def output_dir(self, spec: ModelSpec) -> Path:
+    def output_dir(self) -> Path:
+        """``--out``, else ``engines/<name>`` (the checkpoint's file name unless ``--name``)."""
         if self.out is not None:
             return Path(self.out)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name or spec.name).strip("-.") or "model"
-        return Path(self.engines_dir) / name
+        return Path(self.engines_dir) / folder_name(self.name or Path(self.model).stem)
+
+    def input_paths(self) -> list:
+        """Every file or folder the build reads: none of them may lie inside the output folder."""
+        arch_file = Path(self.arch.rpartition(":")[0]) if self.arch and ":" in self.arch else None
+        return [p for p in (self.model, self.calib, self.plan, self.eval_data, arch_file) if p is not None]
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Run the whole pipeline; returns the build.json content (also written to the output folder)."""
-    from .data import load_images
-    from .export.onnx_export import DEFAULT_OPSET, export_fp32
-    from .inventory import find_layers
-    from .load import load_model
+    """Run the whole pipeline; returns the build.json content (also written to the output folder).
+
+    Everything that can be checked without the model (arguments, the output folder, the plan file)
+    is checked first, then each stage runs under its name (`errors.stage`), which a failure's
+    one-line message carries.
+    """
     from .plan import QUANTIZED, int8_mac_share, read_plan, role_defaults
     from .targets import get_target
-    from .versions import versions
 
     target = get_target(cfg.target)
     if cfg.calib_size <= 0:
@@ -86,39 +90,55 @@ def build(cfg: BuildConfig) -> dict:
         raise InputError(f"--dla: {target.name} has no DLA (Jetson Xavier and Orin do)")
     if cfg.trt_calibrator and not target.is_tensorrt:
         raise InputError(f"--trt-calibrator is a TensorRT option; target {target.name} uses ONNX Runtime")
+    with stage("write"):
+        output = OutputFolder(cfg.output_dir(), cfg.input_paths()).check()
+    with stage("load"):
+        plan = read_plan(cfg.plan) if cfg.plan else None
     if target.warning:
         log.warning("%s: %s", target.name, target.warning)
     started = time.time()
-    model, spec = load_model(cfg.model, cfg.arch, cfg.model_kwargs, cfg.trust_pickle,
-                             cfg.input_size, cfg.mean, cfg.std)
-    if cfg.name:
-        spec = dataclasses.replace(spec, name=cfg.name)
-    calib_all = load_images(cfg.calib, spec, what="calibration data")
-    calib = calib_all.sample(cfg.calib_size, cfg.seed)
-    eval_images = load_images(cfg.eval_data, spec, require_labels=True, what="evaluation data") \
-        if cfg.eval_data else None
-    log.info("model %s: input %s, %d classes; calibrating on %d of %d images from %s",
-             spec.name, "x".join(map(str, spec.input_size)), spec.num_classes, len(calib), len(calib_all), cfg.calib)
+    from .data import load_images  # torch, onnx and timm load only now: refusals above come at once
+    from .export.onnx_export import DEFAULT_OPSET, export_fp32
+    from .inventory import find_layers
+    from .load import load_model
+    from .versions import versions
 
-    layers = find_layers(model, spec)
-    plan = read_plan(cfg.plan) if cfg.plan else role_defaults(layers)
-    precision = plan.resolve(layer.name for layer in layers)
+    with stage("load"):
+        model, spec = load_model(cfg.model, cfg.arch, cfg.model_kwargs, cfg.trust_pickle,
+                                 cfg.input_size, cfg.mean, cfg.std)
+        if cfg.name:
+            spec = dataclasses.replace(spec, name=cfg.name)
+        calib_all = load_images(cfg.calib, spec, what="calibration data")
+        calib = calib_all.sample(cfg.calib_size, cfg.seed)
+        warn_fewer_images(cfg.calib_size, len(calib_all), cfg.calib)
+        eval_images = load_images(cfg.eval_data, spec, require_labels=True, what="evaluation data") \
+            if cfg.eval_data else None
+        layers = find_layers(model, spec)
+        plan = plan or role_defaults(layers)
+        precision = plan.resolve(layer.name for layer in layers)
     if not target.int8:  # TX2: no INT8 on sm_62, everything runs in FP16
         precision = {name: "fp16" if p in QUANTIZED else p for name, p in precision.items()}
     quantized = [n for n, p in precision.items() if p in QUANTIZED]
-    qmodel, prepared, techniques, calib_seconds = _quantize(model, precision, target, calib, cfg) \
-        if quantized else (None, model, None, 0.0)
+    with stage("calibrate"):
+        log.info("model %s: input %s, %d classes; calibrating on %d of %d images from %s",
+                 spec.name, "x".join(map(str, spec.input_size)), spec.num_classes, len(calib), len(calib_all),
+                 cfg.calib)
+        qmodel, prepared, techniques, calib_seconds = _quantize(model, precision, target, calib, cfg) \
+            if quantized else (None, model, None, 0.0)
 
-    out_dir = cfg.output_dir(spec)
-    with atomic_folder(out_dir) as tmp:
-        fp32_proto = export_fp32(model, spec, tmp / "model.fp32.onnx", opset=max(cfg.opset, DEFAULT_OPSET))
-        if prepared is not model:  # channel rescaling changed FP32 weights: Q/DQ goes into their export
-            fp32_proto = export_fp32(prepared, spec, tmp / "model.prepared.onnx", opset=max(cfg.opset, DEFAULT_OPSET))
-            (tmp / "model.prepared.onnx").unlink()
-        amax = _export_int8(fp32_proto, qmodel, target, tmp) if qmodel is not None else None
-        violations = _lint(tmp, target)
-        verification = _verify(qmodel, model, spec, calib, tmp, cfg, target)
-        accuracy = _evaluate(tmp, eval_images, cfg.batch_size, target) if eval_images is not None else None
+    out_dir = output.final
+    with stage("write"), output.write() as tmp:
+        with stage("export"):
+            fp32_proto = export_fp32(model, spec, tmp / "model.fp32.onnx", opset=max(cfg.opset, DEFAULT_OPSET))
+            if prepared is not model:  # channel rescaling changed FP32 weights: Q/DQ goes into their export
+                fp32_proto = export_fp32(prepared, spec, tmp / "model.prepared.onnx",
+                                         opset=max(cfg.opset, DEFAULT_OPSET))
+                (tmp / "model.prepared.onnx").unlink()
+            amax = _export_int8(fp32_proto, qmodel, target, tmp) if qmodel is not None else None
+            violations = _lint(tmp, target)
+        with stage("verify"):
+            verification = _verify(qmodel, model, spec, calib, tmp, cfg, target)
+            accuracy = _evaluate(tmp, eval_images, cfg.batch_size, target) if eval_images is not None else None
         record = {
             "name": spec.name,
             "target": target.name,
@@ -149,8 +169,16 @@ def build(cfg: BuildConfig) -> dict:
         _write_records(tmp, record)
     record["output"] = str(out_dir)
     if target.is_tensorrt:
-        record["engine"] = _engine_or_bundle(out_dir, target, spec, cfg)
+        with stage("engine"):
+            record["engine"] = _engine_or_bundle(out_dir, target, spec, cfg)
     return record
+
+
+def warn_fewer_images(asked: int, available: int, source) -> None:
+    """One line when --calib-size asks for more images than there are (all of them are used)."""
+    if asked > available:
+        log.warning("--calib-size %d, but %s holds %d images: calibrating on all %d", asked, source, available,
+                    available)
 
 
 def _export_int8(fp32_proto, qmodel, target, folder: Path) -> dict:

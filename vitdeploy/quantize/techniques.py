@@ -39,34 +39,8 @@ from torch import nn
 
 from .attention import MATMULS
 
-# Defaults: every technique is OFF. Measured with benchmarks/ablation.py (max calibration, 512
-# images, TensorRT form; agreement with FP32 on cifar10_vit's first 5,000 test images / mnist_vit's
-# 0–4999; KL = mean KL(FP32 ‖ quantized) of the output distributions; torch 2.14.1):
-#
-#                                    plain        +shift       +rescale     +bias corr.  all
-#   (a) INT8, every Linear/Conv and both attention matmuls
-#     cifar10_vit agreement %       98.64        98.90        98.66        98.60        99.14
-#                 KL ×1e3            0.41         0.16         0.39         0.41         0.14
-#     mnist_vit   agreement %       99.96        99.92        99.90        99.84        99.96
-#                 KL ×1e3            0.18         0.11         0.18         0.20         0.08
-#   (b) W4A4 on the same layers
-#     cifar10_vit agreement %       65.92        84.94        65.66        64.88        85.12
-#     mnist_vit   agreement %       97.14        97.82        97.18        96.58        97.98
-#
-# The shift carries most of it, through the shifted softmax (attention.py): at INT8 it cuts the
-# logit KL by 60 % on both models. Still off by default: on TensorRT targets the Sub it puts
-# between Softmax and its Q/DQ is outside the fused INT8 MHA pattern, a speed cost no machine
-# here can measure; on cpu (uint8 softmax, free in ONNX Runtime) the default plan's mnist_vit
-# build measured 99.82 % agreement with all three against 99.86 % without (2 images of 5,000).
-# Rescale alone moves nothing at 8 bits (these models' LayerNorm outputs have no outlier channels);
-# bias correction alone never helps and is worse on mnist_vit (INT8: 6 images broken, none fixed,
-# McNemar p = 0.03; matching each layer's measured output mean instead did no better). Both help
-# only on top of the shift, if at all. So they are switches (--shift, --rescale,
-# --bias-correction) for harder models and bit widths, recorded in build.json; a default build is
-# unchanged.
-DEFAULT_SHIFT = False
-DEFAULT_RESCALE = False
-DEFAULT_BIAS_CORRECTION = False
+# Defaults, and the measurements behind them: technique_defaults.py.
+from .technique_defaults import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE, DEFAULT_SHIFT  # noqa: E402
 # SmoothQuant's α (0.5 in the paper; 1.0 is RepQ-ViT's full equalisation): W4A4, all three, KL ×1e3
 # cifar10_vit / mnist_vit: α = 0.5: 19.5 / 16.6, 0.75: 18.3 / 14.1, 1.0: 17.2 / 15.2 -- 0.75 and 1.0
 # tie on average, and at INT8 0.75 is better (mnist_vit relative logit error 0.0080 vs 0.0099).
