@@ -19,6 +19,9 @@ import numpy as np
 
 from .artifacts import ModelSpec
 from .errors import InputError
+from .log import get_logger
+
+log = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_SEED = 0
@@ -109,7 +112,59 @@ def load_images(path: str | Path, spec: ModelSpec, require_labels: bool = False,
     # Preprocess the first image now: a size/channel problem is reported before any long work starts.
     if len(images):
         images.subset([0])._inputs(0, 1)
+    for warning in unusual_inputs(images, what):
+        log.warning("%s", warning)
     return images
+
+
+# Images this much smaller than the model's input are upscaled so far that they carry little of what
+# the model saw in training (a 2×3 thumbnail becomes 224×224 of blur).
+MAX_UPSCALE = 4.0
+# Preprocessed float input is (x/255 - mean)/std: a few units at most for any usual mean/std.
+MAX_PREPROCESSED = 20.0
+_SCANNED_FILES = 1000   # image headers read for the checks below (open only, no decoding)
+
+
+def unusual_inputs(images: "ImageSet", what: str) -> List[str]:
+    """One-line warnings for inputs that are used but are probably not what the user meant."""
+    channels, height, width = images.spec.input_size
+    where = f"{what} {images.source}"
+    warnings = []
+    if images.tensors is not None:
+        low, high = float(images.tensors.min()), float(images.tensors.max())
+        if low >= 0 and high > MAX_PREPROCESSED:
+            warnings.append(f"{where}: float 'x' is taken as preprocessed input, but its values run from {low:.0f} "
+                            f"to {high:.0f}, like raw 0-255 pixels: store them as uint8 to have them normalised")
+        return warnings
+    if images.pixels is not None:
+        shapes = [images.pixels.shape[1:]] * len(images.pixels)
+    else:
+        shapes = [s for s in map(_header_shape, (images.paths or [])[:_SCANNED_FILES]) if s is not None]
+    if not shapes:
+        return warnings
+    gray = sum(1 for s in shapes if s[2] == 1)
+    if channels == 3 and gray:
+        warnings.append(f"{where}: {gray} of {len(shapes)} images are grayscale: each is replicated to 3 channels "
+                        "for this RGB model")
+    small = [s for s in shapes if min(height / s[0], width / s[1]) > MAX_UPSCALE]
+    if small:
+        s = min(small, key=lambda s: s[0] * s[1])
+        warnings.append(f"{where}: {len(small)} of {len(shapes)} images are more than {MAX_UPSCALE:g}x smaller than "
+                        f"the model's {height}x{width} input (smallest {s[0]}x{s[1]}) and are upscaled to it")
+    return warnings
+
+
+def _header_shape(path: Path) -> Optional[Tuple[int, int, int]]:
+    """(H, W, channels) from an image file's header (channels 1 for grayscale modes); None when the
+    file cannot be opened (`ImageSet.check_files` reports that one)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            bands = 1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+            return img.height, img.width, bands
+    except Exception:
+        return None
 
 
 def normalize(images: np.ndarray, spec: ModelSpec) -> np.ndarray:

@@ -108,6 +108,11 @@ def _torch_load(path: Path, trust_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # The weights-only unpickler names the classes it refuses ("Unsupported global"); any other
+        # complaint ("Unsupported operand", truncated data) means the bytes are no pickle at all.
+        if "Unsupported global" not in str(exc):
+            raise InputError(f"cannot read {path} as a PyTorch checkpoint: it is neither a state_dict nor a "
+                             "pickled model (damaged, or another format)") from exc
         if not trust_pickle:
             raise InputError(
                 f"{path} is a pickled object, not a plain state_dict: unpickling runs code from the file, "
@@ -123,6 +128,8 @@ def _torch_load(path: Path, trust_pickle: bool):
             raise UnsupportedModelError(
                 f"cannot unpickle {path}: {_first_line(exc)} (the module defining the model class "
                 "must be importable: add its folder to PYTHONPATH)") from exc
+        except Exception as exc:  # the unpickled code itself failed
+            raise UnsupportedModelError(f"cannot unpickle {path}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
 
 def _find_state_dict(obj: Any, path: Path) -> Dict[str, Any]:
@@ -150,11 +157,18 @@ def _all_tensors(d: dict) -> bool:
 # --------------------------------------------------------------------------- architectures
 
 def build_arch(arch: str, kwargs: Dict[str, Any]):
-    """A timm model name, or ``file.py:Class`` / ``package.module:factory`` for plain PyTorch."""
+    """A timm model name, or ``file.py:Name`` (a class or factory defined in that file) for plain PyTorch.
+
+    Nothing else: ``module:callable`` would call any importable function (``os:system``).
+    """
+    import torch
+
     ctor_kwargs = {k: v for k, v in kwargs.items() if k != LAYER_NORM_EPS_KEY}
     if ":" in arch:
         factory = _import_factory(arch)
         model = _construct(factory, ctor_kwargs, arch)
+        if not isinstance(model, torch.nn.Module):
+            raise UnsupportedModelError(f"--arch {arch} returned a {type(model).__name__}, not a torch.nn.Module")
     else:
         import timm
 
@@ -171,27 +185,30 @@ def build_arch(arch: str, kwargs: Dict[str, Any]):
 def _construct(factory, kwargs, arch):
     try:
         return factory(**kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+    except Exception as exc:  # the user's constructor can raise anything
         raise UnsupportedModelError(f"cannot build '{arch}' with --model-kwargs {json.dumps(kwargs)}: "
-                                    f"{_first_line(exc)}") from exc
+                                    f"{type(exc).__name__}: {_first_line(exc)}") from exc
 
 
 def _import_factory(spec: str):
     target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        file = Path(target)
-        if not file.is_file():
-            raise InputError(f"architecture file not found: {file}")
-        mod_name = f"vitdeploy_user_arch_{file.stem}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, file)
-        module = importlib.util.module_from_spec(module_spec)
-        with _sys_path(file.parent):
-            module_spec.loader.exec_module(module)
-    else:
+    if not target.endswith(".py") or not attr.isidentifier():
+        raise InputError(f"--arch {spec}: expected a timm model name or file.py:Name (a class or function defined "
+                         "in that Python file)")
+    file = Path(target)
+    if not file.is_file():
+        raise InputError(f"architecture file not found: {file}")
+    mod_name = f"vitdeploy_user_arch_{file.stem}"
+    module_spec = importlib.util.spec_from_file_location(mod_name, file)
+    module = importlib.util.module_from_spec(module_spec)
+    with _sys_path(file.parent):
         try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise UnsupportedModelError(f"cannot import '{target}' for --arch {spec}: {_first_line(exc)}") from exc
+            module_spec.loader.exec_module(module)
+        except SyntaxError as exc:
+            raise UnsupportedModelError(f"--arch {spec}: syntax error in {file}, line {exc.lineno}: {exc.msg}") from exc
+        except Exception as exc:  # a missing import, or the file's own code failing
+            raise UnsupportedModelError(f"--arch {spec}: importing {file} failed: {type(exc).__name__}: "
+                                        f"{_first_line(exc)}") from exc
     if not hasattr(module, attr):
         raise UnsupportedModelError(f"--arch {spec}: '{target}' has no attribute '{attr}'")
     return getattr(module, attr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -57,6 +58,12 @@ class PrecisionPlan:
             raise InputError(f"{where}: expected an object with a 'layers' object")
         if d.get("format", FORMAT) != FORMAT:
             raise InputError(f"{where}: unknown format '{d.get('format')}' (expected {FORMAT})")
+        if not isinstance(d.get("meta", {}), dict):
+            raise InputError(f"{where}: 'meta' must be an object, got {type(d['meta']).__name__}")
+        for key, value in [("default", d.get("default", "int8"))] + list(d.get("layers", {}).items()):
+            if not isinstance(value, str):
+                raise InputError(f"{where}: entry '{key}' must be a precision string "
+                                 f"({', '.join(PRECISIONS)}), got {json.dumps(value)}")
         return cls(default=d.get("default", "int8"), layers=dict(d.get("layers", {})), meta=dict(d.get("meta", {})))
 
 
@@ -66,15 +73,18 @@ def _check_precision(key: str, precision: str) -> None:
 
 
 def read_plan(path: Path) -> PrecisionPlan:
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"plan not found: {path}")
     try:
-        return PrecisionPlan.from_dict(read_json(path), where=str(path))
-    except json.JSONDecodeError as exc:
+        data = read_json(path)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not a UTF-8 text file (a plan is JSON): {exc.reason} at byte {exc.start}") from exc
+    except ValueError as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
+    return PrecisionPlan.from_dict(data, where=str(path))
 
 
 def write_plan(path: Path, resolved: Dict[str, str], meta: Optional[dict] = None) -> None:
