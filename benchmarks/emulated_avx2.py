@@ -103,7 +103,8 @@ def main() -> int:
             if f"{name}/{qdq}" not in runs:
                 continue
             pred = runs[f"{name}/{qdq}"]
-            rows.append([name, "fused integer kernels" if qdq == "fused" else "Q/DQ in float", 100 * (pred == labels).mean(),
+            how = "float (no Q/DQ)" if name == "fp32" else "fused integer kernels" if qdq == "fused" else "Q/DQ in float"
+            rows.append([name, how, 100 * (pred == labels).mean(),
                          100 * (pred == fp32).mean()])
     print(table(["model", "computed with", "top-1 %", "agreement with FP32 %"], rows))
     emulated = "emulated (qemu-x86_64 -cpu Haswell)" if prefix else "native"
