@@ -98,7 +98,7 @@ def build(cfg: BuildConfig) -> dict:
         log.warning("%s: %s", target.name, target.warning)
     started = time.time()
     from .data import load_images  # torch, onnx and timm load only now: refusals above come at once
-    from .export.onnx_export import DEFAULT_OPSET, export_fp32
+    from .export.onnx_export import DEFAULT_OPSET, export_fp32, fixed_batch
     from .inventory import find_layers
     from .load import load_model
     from .versions import versions
@@ -130,6 +130,9 @@ def build(cfg: BuildConfig) -> dict:
     with stage("write"), output.write() as tmp:
         with stage("export"):
             fp32_proto = export_fp32(model, spec, tmp / "model.fp32.onnx", opset=max(cfg.opset, DEFAULT_OPSET))
+            batch = fixed_batch(fp32_proto)
+            if batch is not None:  # the model would not export batch-dynamic (export_fp32 said so)
+                cfg = dataclasses.replace(cfg, max_batch=batch)
             if prepared is not model:  # channel rescaling changed FP32 weights: Q/DQ goes into their export
                 fp32_proto = export_fp32(prepared, spec, tmp / "model.prepared.onnx",
                                          opset=max(cfg.opset, DEFAULT_OPSET))
@@ -152,6 +155,7 @@ def build(cfg: BuildConfig) -> dict:
                 "eval_data": str(cfg.eval_data) if cfg.eval_data else None,
             },
             "preprocessing": spec.to_dict(),
+            "export": {"batch": "dynamic" if batch is None else batch, "opset": _opset(fp32_proto)},
             "versions": versions(),
             "files": {},
             "plan": {"source": str(cfg.plan) if cfg.plan else plan.meta.get("source"),
@@ -164,7 +168,7 @@ def build(cfg: BuildConfig) -> dict:
             "accuracy": accuracy,
             "cpu": _cpu_record(tmp, verification),
         }
-        _write_outputs(tmp, record, precision, target, calib, amax)
+        _write_outputs(tmp, record, precision, target, calib, amax, cfg.max_batch)
         record["build_seconds"] = round(time.time() - started, 2)
         _write_records(tmp, record)
     record["output"] = str(out_dir)
@@ -228,7 +232,11 @@ def _lint(folder: Path, target) -> list:
     return violations
 
 
-def _write_outputs(folder: Path, record: dict, precision: dict, target, calib, amax) -> None:
+def _opset(proto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _write_outputs(folder: Path, record: dict, precision: dict, target, calib, amax, max_batch: int) -> None:
     from .calib_cache import write_calib_cache
     from .plan import write_plan
 
@@ -236,11 +244,12 @@ def _write_outputs(folder: Path, record: dict, precision: dict, target, calib, a
     if amax and not target.is_tensorrt:
         write_calib_cache(folder / "calib.cache", amax)
     if target.is_tensorrt:
-        from .bundle import write_bundle
+        from .bundle import DEFAULT_OPT_BATCH, write_bundle
 
         onnx_path = folder / ("model.int8.onnx" if amax else "model.fp32.onnx")
         images = np.concatenate([x for x, _ in calib.batches(256)])
-        record["bundle"] = write_bundle(folder, target, onnx_path, images, amax, record)
+        record["bundle"] = write_bundle(folder, target, onnx_path, images, amax, record, max_batch=max_batch,
+                                        opt_batch=min(DEFAULT_OPT_BATCH, max_batch))
 
 
 def _write_records(folder: Path, record: dict) -> None:
@@ -253,12 +262,12 @@ def _write_records(folder: Path, record: dict) -> None:
 
 def engine_argv(target, spec: ModelSpec, cfg: BuildConfig) -> list:
     """build_engine.py's arguments for this build: the bundle's command plus the user's engine options."""
-    from .bundle import build_engine_command
+    from .bundle import DEFAULT_OPT_BATCH, build_engine_command
 
     implicit = cfg.trt_calibrator is not None
     onnx_name = "model.int8.onnx" if target.int8 and not implicit else "model.fp32.onnx"
     argv = build_engine_command(target, onnx_name, spec.input_size, cfg.max_batch, input_name=spec.input_name,
-                                dla_core=cfg.dla_core)[2:]
+                                dla_core=cfg.dla_core, opt_batch=min(DEFAULT_OPT_BATCH, cfg.max_batch))[2:]
     argv += ["--timing-cache", "timing.cache", "--preprocessing", "build.json"]
     if cfg.workspace_mib:
         argv += ["--workspace", str(cfg.workspace_mib)]

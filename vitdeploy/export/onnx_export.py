@@ -1,4 +1,4 @@
-"""PyTorch → FP32 ONNX, opset 17, dynamic batch, LayerNorm as one LayerNormalization node.
+"""PyTorch → FP32 ONNX, opset 17, dynamic batch (checked), LayerNorm as one LayerNormalization node.
 
 The TorchScript-based exporter is used on purpose: it names nodes after module paths
 (``/blocks/blocks.0/attn/qkv/MatMul``), keeps LayerNormalization whole at opset ≥ 17 and is stable
@@ -10,34 +10,138 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import onnx
 
 from ..artifacts import ModelSpec
 from ..errors import ExportError
+from ..log import get_logger
+
+log = get_logger(__name__)
 
 DEFAULT_OPSET = 17
 
 
 def export_fp32(model, spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The FP32 ONNX with a dynamic batch, checked at two batch sizes against PyTorch.
+
+    The TorchScript exporter traces: user code that reads the batch as a Python int (``len(x)``,
+    ``x.size(0)`` passed through int()) gets the export batch baked in, and the file fails, or
+    silently computes wrong, at any other batch. Then strict ``torch.export`` (which follows
+    ``len(x)`` symbolically) is tried, through the dynamo exporter; if that fails too, the file is
+    exported at batch 1 with a one-line warning, and everything downstream runs it one image at a time.
+    """
+    proto = _export_torchscript(model, spec, opset, batch=2, dynamic=True)
+    problem = batch_problem(proto, model, spec)
+    if problem:
+        try:
+            candidate = _export_strict(model, spec, opset)
+            second = batch_problem(candidate, model, spec)
+        except ExportError as exc:
+            second = str(exc)
+        if not second:
+            log.info("the TorchScript export baked the batch in (%s): exported with torch.export instead", problem)
+            proto = candidate
+        else:
+            log.warning("%s cannot be exported with a dynamic batch (%s; torch.export: %s): it is exported for batch "
+                        "1 and run one image at a time", spec.name, problem, second)
+            proto = _export_torchscript(model, spec, opset, batch=1, dynamic=False)
+    proto.producer_name = "vitdeploy"
+    save_model(proto, path)
+    return proto
+
+
+def fixed_batch(proto: onnx.ModelProto) -> Optional[int]:
+    """The input's static batch size, or None when the batch is dynamic."""
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") else None
+
+
+def batch_problem(proto: onnx.ModelProto, model, spec: ModelSpec, batches=(1, 3)) -> str:
+    """"" when ONNX Runtime runs ``proto`` at each of ``batches`` and matches PyTorch, else what went wrong."""
+    import numpy as np
+    import onnxruntime as ort
     import torch
 
-    dummy = torch.zeros(2, *spec.input_size)
+    if fixed_batch(proto) is not None:
+        return f"its input has a fixed batch of {fixed_batch(proto)}"
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures come back as exceptions, in one line
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        return f"ONNX Runtime cannot load it: {_first_line(exc)}"
+    generator = torch.Generator().manual_seed(0)
+    for batch in batches:
+        x = torch.randn(batch, *spec.input_size, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        try:
+            (got,) = session.run([spec.output_name], {spec.input_name: x.numpy()})
+        except Exception as exc:
+            return f"at batch {batch} ONNX Runtime fails: {_first_line(exc)}"
+        if got.shape != expected.shape:
+            return f"at batch {batch} the output is {list(got.shape)}, not {list(expected.shape)}"
+        error = float(np.abs(got - expected).max())
+        if error > 1e-3 * max(1.0, float(np.abs(expected).max())):
+            return f"at batch {batch} the output differs from PyTorch by {error:.3g}"
+    return ""
+
+
+def _export_torchscript(model, spec: ModelSpec, opset: int, batch: int, dynamic: bool) -> onnx.ModelProto:
+    import torch
+
+    dummy = torch.zeros(batch, *spec.input_size)
     buffer = io.BytesIO()
+    axes = {spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}} if dynamic else None
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python code
             torch.onnx.export(
                 model, (dummy,), buffer, opset_version=opset, dynamo=False, do_constant_folding=True,
-                input_names=[spec.input_name], output_names=[spec.output_name],
-                dynamic_axes={spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}},
+                input_names=[spec.input_name], output_names=[spec.output_name], dynamic_axes=axes,
             )
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
-    proto = onnx.load_from_string(buffer.getvalue())
-    proto.producer_name = "vitdeploy"
-    save_model(proto, path)
-    return proto
+        raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _export_strict(model, spec: ModelSpec, opset: int) -> onnx.ModelProto:
+    """Strict torch.export with a symbolic batch, then the dynamo ONNX exporter (opset ≥ 18)."""
+    import torch
+
+    dummy = torch.zeros(2, *spec.input_size)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (dummy,), strict=True,
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+            onnx_program = torch.onnx.export(program, (dummy,), dynamo=True, opset_version=max(opset, 18),
+                                             input_names=[spec.input_name], output_names=[spec.output_name])
+            buffer = io.BytesIO()
+            onnx.save(onnx_program.model_proto, buffer)
+    except Exception as exc:
+        raise ExportError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """torch.export logs its failures (guards, constraint violations) as ERROR records with
+    tracebacks; the exception says the same, and the build reports it in one line."""
+    import logging
+
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__
 
 
 def save_model(proto: onnx.ModelProto, path: Path) -> None:
