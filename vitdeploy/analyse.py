@@ -103,7 +103,12 @@ def _gradient_norms(model, layers, inputs, targets, batch_size) -> Dict[str, flo
 
 
 def _measured(model, layers, inputs, reference, calib_method, batch_size):
-    """KL(FP32 ‖ one layer INT8) and top-1 agreement for each layer."""
+    kl, agree, _ = measure_layers(model, layers, inputs, reference, calib_method, batch_size)
+    return kl, agree
+
+
+def measure_layers(model, layers, inputs, reference, calib_method="max", batch_size=64):
+    """KL(FP32 ‖ one layer INT8), top-1 agreement and the input amax (per-tensor quantizers) of each layer."""
     import torch
 
     from .quantize.apply import calibrate, quantize_model
@@ -119,6 +124,7 @@ def _measured(model, layers, inputs, reference, calib_method, batch_size):
     for qs in switches.values():
         for q in qs:
             q.enabled = False
+    amax = {name: [float(q.amax.max()) for q in qs if q.axis is None] for name, qs in switches.items()}
     ref_logp = torch.log_softmax(reference.double(), dim=1)
     kl, agree = {}, {}
     for layer in progress(layers, "sensitivity", total=len(layers), unit="layer"):
@@ -131,7 +137,7 @@ def _measured(model, layers, inputs, reference, calib_method, batch_size):
         # KL ≥ 0 per image; where a layer changes nothing, rounding can leave -1e-9 instead of 0.
         kl[layer.name] = float((ref_logp.exp() * (ref_logp - logp)).sum(1).clamp_min(0).mean())
         agree[layer.name] = float((out.argmax(1) == reference.argmax(1)).float().mean() * 100)
-    return kl, agree
+    return kl, agree, amax
 
 
 def _quantizers_of(qmodel, layer: LayerInfo):

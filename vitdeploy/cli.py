@@ -46,6 +46,17 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
                                              "module paths or patterns → int8|int8-asym|fp16|fp32)")
 
 
+def add_measured_plan_args(p: argparse.ArgumentParser) -> None:
+    from .measured_plan import DEFAULT_INT8_BUDGET, DEFAULT_SENSITIVITY_IMAGES
+
+    g = p.add_argument_group("measured plan (without --plan: layers that dominate the INT8 loss stay FP16)")
+    g.add_argument("--int8-budget", type=float, default=DEFAULT_INT8_BUDGET, metavar="PCT",
+                   help=f"keep at least this share of Linear/Conv MACs INT8 (default {DEFAULT_INT8_BUDGET:g})")
+    g.add_argument("--sensitivity-images", type=int, default=DEFAULT_SENSITIVITY_IMAGES, metavar="N",
+                   help=f"calibration images each layer is measured on (default {DEFAULT_SENSITIVITY_IMAGES}; "
+                        "0: no measurement, patch-embed and head FP16, the rest INT8)")
+
+
 def add_technique_args(p: argparse.ArgumentParser) -> None:
     from .quantize.technique_defaults import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE, DEFAULT_SHIFT
 
@@ -78,7 +89,8 @@ def cmd_build(args) -> int:
         mean=args.mean, std=args.std, calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed,
         plan=args.plan, workspace_mib=args.workspace, dla_core=args.dla, trt_calibrator=args.trt_calibrator,
         max_batch=args.max_batch, shift=args.shift, rescale=args.rescale, bias_correction=args.bias_correction,
-        eval_data=args.eval_data, batch_size=args.batch_size,
+        eval_data=args.eval_data, batch_size=args.batch_size, int8_budget=args.int8_budget,
+        sensitivity_images=args.sensitivity_images,
         verify_min_agreement=args.verify_min_agreement, verify_min_cosine=args.verify_min_cosine)
     record = build(cfg)
     rows = [[name, size / 1e6] for name, size in record["files"].items()]
@@ -246,6 +258,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_preprocessing_args(p)
     add_calibration_args(p)
+    add_measured_plan_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--target", default="cpu", help="cpu, jetson-tx2, jetson-xavier, jetson-orin (jetson), desktop "
                                                    "(default cpu; see vitdeploy targets)")

@@ -46,6 +46,9 @@ class BuildConfig:
     bias_correction: Optional[bool] = None
     plan: Optional[Path] = None
     seed: int = 0
+    # The default plan (no --plan) from measurement: measured_plan.py. 0 images = role defaults only.
+    sensitivity_images: int = 64
+    int8_budget: float = 90.0
     eval_data: Optional[Path] = None
     batch_size: int = 64
     verify_images: int = 256
@@ -114,7 +117,15 @@ def build(cfg: BuildConfig) -> dict:
         eval_images = load_images(cfg.eval_data, spec, require_labels=True, what="evaluation data") \
             if cfg.eval_data else None
         layers = find_layers(model, spec)
-        plan = plan or role_defaults(layers)
+    if plan is None:
+        plan = role_defaults(layers)
+        if cfg.sensitivity_images > 0 and target.int8:
+            from .measured_plan import measured_plan
+
+            with stage("analyse"):
+                plan = measured_plan(model, layers, plan, calib.subset(range(min(cfg.sensitivity_images, len(calib)))),
+                                     cfg.calib_method, cfg.int8_budget, cfg.batch_size)
+    with stage("load"):
         precision = plan.resolve(layer.name for layer in layers)
     if not target.int8:  # TX2: no INT8 on sm_62, everything runs in FP16
         precision = {name: "fp16" if p in QUANTIZED else p for name, p in precision.items()}
@@ -159,6 +170,8 @@ def build(cfg: BuildConfig) -> dict:
             "versions": versions(),
             "files": {},
             "plan": {"source": str(cfg.plan) if cfg.plan else plan.meta.get("source"),
+                     "fp16_measured": sorted(n for n, r in plan.meta.get("reasons", {}).items()
+                                             if r.startswith("fp16: dominates")),
                      "int8_linear_mac_share": int8_mac_share(layers, precision),
                      "int8_mac_share": int8_mac_share(layers, precision, kinds=("linear", "conv", "matmul"))},
             "techniques": techniques,
@@ -168,7 +181,7 @@ def build(cfg: BuildConfig) -> dict:
             "accuracy": accuracy,
             "cpu": _cpu_record(tmp, verification),
         }
-        _write_outputs(tmp, record, precision, target, calib, amax, cfg.max_batch)
+        _write_outputs(tmp, record, precision, target, calib, amax, cfg.max_batch, plan.meta)
         record["build_seconds"] = round(time.time() - started, 2)
         _write_records(tmp, record)
     record["output"] = str(out_dir)
@@ -236,11 +249,13 @@ def _opset(proto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _write_outputs(folder: Path, record: dict, precision: dict, target, calib, amax, max_batch: int) -> None:
+def _write_outputs(folder: Path, record: dict, precision: dict, target, calib, amax, max_batch: int,
+                   plan_meta: dict) -> None:
     from .calib_cache import write_calib_cache
     from .plan import write_plan
 
-    write_plan(folder / "plan.json", precision, {"model": record["name"], "source": record["plan"]["source"]})
+    write_plan(folder / "plan.json", precision, {"model": record["name"], "source": record["plan"]["source"],
+                                                 **({"reasons": plan_meta["reasons"]} if "reasons" in plan_meta else {})})
     if amax and not target.is_tensorrt:
         write_calib_cache(folder / "calib.cache", amax)
     if target.is_tensorrt:
