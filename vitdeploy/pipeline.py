@@ -362,31 +362,80 @@ def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfi
     images = calib.subset(range(min(cfg.verify_images, len(calib))))
     result = {"images": len(images), "bars": {"agreement": cfg.verify_min_agreement, "cosine": cfg.verify_min_cosine},
               "reference": "ONNX Runtime with Q/DQ evaluated in float (session.disable_quant_qdq): what TensorRT computes"}
-    predictions = {}
+    torch_runs, predictions = {}, {}
     for tag, torch_model in (("fp32", model), ("int8", qmodel)):
         if torch_model is None:
             continue
         with TorchRunner(torch_model, spec.input_name, spec.output_name, spec.input_size) as ref, \
                 OrtRunner(folder / f"model.{tag}.onnx", qdq="float", warn_inexact=False) as ort:
-            a = predict(ref, images, cfg.batch_size, desc=f"verify {tag}")
-            b = predict(ort, images, cfg.batch_size, desc=f"verify {tag}")
-        predictions[tag] = b
-        result[tag] = _compare(a, b, cfg, check_argmax=not (target.strongly_typed and tag == "int8"),
-                               what=f"model.{tag}.onnx in ONNX Runtime does not reproduce PyTorch")
+            torch_runs[tag] = predict(ref, images, cfg.batch_size, desc=f"verify {tag}")
+            predictions[tag] = predict(ort, images, cfg.batch_size, desc=f"verify {tag}")
+        what = f"model.{tag}.onnx in ONNX Runtime does not reproduce PyTorch"
+        check_argmax = not (target.strongly_typed and tag == "int8")
+        if tag == "fp32":
+            result[tag] = _compare(torch_runs[tag], predictions[tag], cfg, check_argmax, what)
+        else:
+            result[tag] = _compare_or_statistics((torch_runs["fp32"], torch_runs[tag]),
+                                                 (predictions["fp32"], predictions[tag]), cfg, check_argmax, what,
+                                                 ("PyTorch", "ONNX Runtime"))
     if qmodel is not None and target.qdq_placement == "onnxruntime":
-        result["int8_host"] = _verify_host(folder / "model.int8.onnx", images, predictions["int8"], cfg)
+        result["int8_host"] = _verify_host(folder / "model.int8.onnx", images, predictions, cfg)
     return result
 
 
-def _compare(reference, other, cfg: BuildConfig, check_argmax: bool, what: str) -> dict:
-    """Agreement, near ties and cosine of two runs; ExportError starting with ``what`` below the bars."""
+# When image-by-image agreement misses the bars, the INT8 file still passes if it is *as accurate*
+# as the model it was checked against: agreement with FP32 within this many points and KL to FP32
+# within this factor, on the same images. Why: a deep real ViT turns float rounding into different
+# INT8 codes, layer after layer. timm ViT-Tiny (ImageNet), jetson-orin, role-default plan: block 0's
+# qkv output differs between PyTorch and ONNX Runtime by 2e-4 (relative), block 11's by 0.28, and
+# the two agree on 95.7 % of the 256 verification images (cosine 0.989) -- yet each agrees with its
+# own FP32 on 87.5 % (PyTorch) and 87.1 % (ONNX Runtime), KL 0.151 and 0.157 (on 488 other images:
+# 82.6 / 83.4 %, KL 0.233 / 0.218). Two equally good samples of the same rounding, as a TensorRT
+# engine would be a third. A wrong scale or a missing Q/DQ moves KL by far more than 1.5x.
+STATISTICS_MAX_AGREEMENT_GAP = 3.0
+STATISTICS_MAX_KL_RATIO = 1.5
+
+
+def _compare_or_statistics(reference, other, cfg, check_argmax: bool, what: str, names) -> dict:
+    """`_compare` of the INT8 runs; if it fails, the same accuracy against each side's own FP32."""
+    from .measure.evaluate import agreement, kl_divergence
+
+    try:
+        return {"mode": "image by image", **_compare(reference[1], other[1], cfg, check_argmax, what)}
+    except ExportError as exc:
+        failure = str(exc)
+    per_image = _comparison(reference[1], other[1])
+    stats = {name: {"agreement_with_fp32": agreement(fp32, int8), "kl_to_fp32": kl_divergence(fp32, int8)}
+             for name, (fp32, int8) in zip(names, (reference, other))}
+    (a, b) = (stats[names[0]], stats[names[1]])
+    gap = abs(a["agreement_with_fp32"] - b["agreement_with_fp32"])
+    low, high = sorted((a["kl_to_fp32"], b["kl_to_fp32"]))
+    ratio = high / low if low > 0 else (1.0 if high == 0 else float("inf"))
+    summary = (f"{names[0]} agrees with its FP32 on {a['agreement_with_fp32']:.2f} % (KL {a['kl_to_fp32']:.3g}), "
+               f"{names[1]} on {b['agreement_with_fp32']:.2f} % (KL {b['kl_to_fp32']:.3g})")
+    if gap > STATISTICS_MAX_AGREEMENT_GAP or ratio > STATISTICS_MAX_KL_RATIO:
+        raise ExportError(f"{failure}; and not as accurate either: {summary}")
+    log.info("%s image by image (agreement %.2f %%, cosine %.4f: INT8 rounding diverges through a deep model), but "
+             "it is as accurate: %s", what, per_image["agreement"], per_image["cosine"], summary)
+    return {"mode": "statistics", **per_image, "statistics": {
+        **stats, "bars": {"agreement_gap": STATISTICS_MAX_AGREEMENT_GAP, "kl_ratio": STATISTICS_MAX_KL_RATIO}}}
+
+
+def _comparison(reference, other) -> dict:
+    """Agreement, near ties, cosine and largest difference of two runs on the same images."""
     from .measure.evaluate import agreement, cosine_similarity, near_tie_flips
 
     agree, ties = agreement(reference, other), near_tie_flips(reference, other)
     # "agreement_checked": what the bar is held to, near-tie flips counted as agreeing.
-    record = {"agreement": agree, "near_tie_flips": ties, "agreement_checked": agree + 100.0 * ties / reference.n,
-              "cosine": cosine_similarity(reference, other),
-              "max_abs_diff": float(np.abs(reference.logits - other.logits).max())}
+    return {"agreement": agree, "near_tie_flips": ties, "agreement_checked": agree + 100.0 * ties / reference.n,
+            "cosine": cosine_similarity(reference, other),
+            "max_abs_diff": float(np.abs(reference.logits - other.logits).max())}
+
+
+def _compare(reference, other, cfg: BuildConfig, check_argmax: bool, what: str) -> dict:
+    """Agreement, near ties and cosine of two runs; ExportError starting with ``what`` below the bars."""
+    record = _comparison(reference, other)
+    agree, ties = record["agreement"], record["near_tie_flips"]
     if (check_argmax and record["agreement_checked"] < cfg.verify_min_agreement) \
             or record["cosine"] < cfg.verify_min_cosine:
         forgiven = f" ({ties} near-tie flips not counted)" if ties else ""
@@ -395,7 +444,7 @@ def _compare(reference, other, cfg: BuildConfig, check_argmax: bool, what: str) 
     return record
 
 
-def _verify_host(path: Path, images, float_qdq, cfg: BuildConfig) -> dict:
+def _verify_host(path: Path, images, float_runs: dict, cfg: BuildConfig) -> dict:
     """This CPU's fused integer kernels against the same file with Q/DQ in float.
 
     First each quantized layer alone at its worst-case input (`kernel_check`): integer saturation
@@ -419,11 +468,10 @@ def _verify_host(path: Path, images, float_qdq, cfg: BuildConfig) -> dict:
             f"exact on {exact or 'no CPU'}: please report it, with the output of 'vitdeploy targets'")
     with OrtRunner(path, warn_inexact=False) as runner:
         fused = predict(runner, images, cfg.batch_size, desc="verify int8 on this CPU")
-    record = _compare(float_qdq, fused, cfg, check_argmax=True,
-                      what=f"{path.name}: every quantized layer is exact on this CPU ({isa}) alone, but the whole "
-                           f"model amplifies the fused kernels' float rounding (a neighbouring INT8 code now and "
-                           f"then) beyond the bars, so this plan quantizes layers the model cannot afford (see "
-                           f"vitdeploy analyze)")
+    record = _compare_or_statistics((float_runs["fp32"], float_runs["int8"]), (float_runs["fp32"], fused), cfg, True,
+                                    f"{path.name}: every quantized layer is exact on this CPU ({isa}) alone, but the "
+                                    f"whole model amplifies the fused kernels' float rounding (a neighbouring INT8 code "
+                                    f"now and then) beyond the bars", ("Q/DQ in float", "fused kernels"))
     return {"isa": isa, "kernels": kernels.as_dict(), **record}
 
 

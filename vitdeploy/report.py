@@ -71,6 +71,15 @@ def write_build_report(path: Path, record: dict) -> None:
         f"Bars: agreement ≥ {bars['agreement']:g} % (near-tie flips, where the logits moved by ≤ "
         f"{NEAR_TIE_TOLERANCE * 100:g} % of their spread, not counted), cosine ≥ {bars['cosine']:g}.",
     ]
+    for tag in ("int8", "int8_host"):
+        v = verification.get(tag) or {}
+        if v.get("mode") == "statistics":
+            (a, sa), (b, sb) = [(k, x) for k, x in v["statistics"].items() if k != "bars"]
+            lines += ["", f"{tag}: below the bars image by image (rounding diverges through a deep model), but as "
+                          f"accurate: {a} agrees with its FP32 on {sa['agreement_with_fp32']:.2f} % (KL "
+                          f"{sa['kl_to_fp32']:.3g}), {b} on {sb['agreement_with_fp32']:.2f} % (KL {sb['kl_to_fp32']:.3g}); "
+                          f"bars: within {v['statistics']['bars']['agreement_gap']:g} points and "
+                          f"{v['statistics']['bars']['kl_ratio']:g}x."]
     cpu = record.get("cpu")
     if cpu:
         host = verification.get("int8_host")

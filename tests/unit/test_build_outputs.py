@@ -1,8 +1,10 @@
 """What a cpu build writes: calib.cache named after the ONNX tensors, and consistent with the Q/DQ scales."""
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from vitdeploy.calib_cache import read_calib_cache
@@ -95,3 +97,37 @@ def test_near_tie_flips_are_told_apart_from_real_mismatches():
     both = nudged.copy()
     both[1, 1] += 4.5
     assert near_tie_flips(Predictions(logits, None), Predictions(both, None)) == 1
+
+
+def _noisy(base, scale, seed):
+    from vitdeploy.measure.evaluate import Predictions
+
+    return Predictions(base + np.random.default_rng(seed).normal(0, scale, base.shape).astype(np.float32), None)
+
+
+def test_int8_file_that_diverges_image_by_image_but_is_as_accurate_passes_on_statistics():
+    """Two equally noisy INT8 runs (independent rounding, as PyTorch and ONNX Runtime give on a deep
+    ViT) agree poorly with each other, but each is as close to its FP32: verification passes, and says so."""
+    from vitdeploy.measure.evaluate import Predictions
+    from vitdeploy.pipeline import BuildConfig, _compare_or_statistics
+
+    fp32 = np.random.default_rng(0).normal(0, 3, (2000, 50)).astype(np.float32)
+    ref, other = (Predictions(fp32, None), _noisy(fp32, 0.5, 1)), (Predictions(fp32, None), _noisy(fp32, 0.5, 2))
+    record = _compare_or_statistics(ref, other, BuildConfig(model=Path("m.pt")), True, "x does not reproduce y",
+                                    ("PyTorch", "ONNX Runtime"))
+    assert record["mode"] == "statistics" and record["agreement"] < 99
+    stats = record["statistics"]
+    assert abs(stats["PyTorch"]["agreement_with_fp32"] - stats["ONNX Runtime"]["agreement_with_fp32"]) <= 3
+
+
+def test_int8_file_that_is_less_accurate_fails_verification():
+    """A file twice as noisy (what a wrong scale does) fails, and the message gives both accuracies."""
+    from vitdeploy.errors import ExportError
+    from vitdeploy.measure.evaluate import Predictions
+    from vitdeploy.pipeline import BuildConfig, _compare_or_statistics
+
+    fp32 = np.random.default_rng(0).normal(0, 3, (2000, 50)).astype(np.float32)
+    ref, worse = (Predictions(fp32, None), _noisy(fp32, 0.5, 1)), (Predictions(fp32, None), _noisy(fp32, 1.0, 2))
+    with pytest.raises(ExportError, match="not as accurate either: PyTorch agrees with its FP32 on"):
+        _compare_or_statistics(ref, worse, BuildConfig(model=Path("m.pt")), True, "x does not reproduce y",
+                               ("PyTorch", "ONNX Runtime"))

@@ -71,3 +71,13 @@ def cosine_similarity(a: Predictions, b: Predictions) -> float:
     num = (a.logits * b.logits).sum(axis=1)
     den = np.linalg.norm(a.logits, axis=1) * np.linalg.norm(b.logits, axis=1) + 1e-12
     return float((num / den).mean())
+
+
+def kl_divergence(reference: Predictions, other: Predictions) -> float:
+    """Mean over images of KL(softmax(reference) ‖ softmax(other)), in float64."""
+    def log_softmax(z):
+        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    p, q = log_softmax(reference.logits), log_softmax(other.logits)
+    return float(np.clip((np.exp(p) * (p - q)).sum(axis=1), 0, None).mean())
