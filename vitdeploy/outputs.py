@@ -158,13 +158,6 @@ class OutputFolder:
             raise
 
 
-@contextlib.contextmanager
-def atomic_folder(final: Path, inputs: Iterable[Optional[Path]] = ()) -> Iterator[Path]:
-    """Check ``final`` (`OutputFolder.check`) and yield its temporary folder (`OutputFolder.write`)."""
-    with OutputFolder(final, inputs).check().write() as tmp:
-        yield tmp
-
-
 def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "wb") -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
 
