@@ -1,6 +1,6 @@
 """The README's real-ViT table: default builds of the ImageNet ViT-Tiny, scored on held-out samples.
 
-    python benchmarks/real_vit.py [--targets jetson-orin,cpu] [--work DIR] [--extra "--shift --rescale"]
+    python benchmarks/real_vit.py [--targets jetson-orin,cpu] [--work DIR] [--extra="--shift --rescale"]
 
 Calibrates on 512 of the 1,000 ``../shared/data/imagenet_samples`` photos (the build's own sample,
 seed 0) and evaluates on the other 488, written once as preprocessed tensors to ``held_out.npz``.

@@ -64,7 +64,7 @@ def add_technique_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("accuracy techniques (all TensorRT-legal: symmetric Q/DQ, folded into FP32 parameters)")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
                    help="centre each Linear input's channels before its quantizer, W·z folded into the bias "
-                        f"(default {on_off(DEFAULT_SHIFT)})")
+                        f"(default on for cpu, {on_off(DEFAULT_SHIFT)} for TensorRT targets)")
     g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
                    help="SmoothQuant channel factors folded into LayerNorm γ/β and the Linears it feeds "
                         f"(default {on_off(DEFAULT_RESCALE)})")

@@ -329,7 +329,10 @@ def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
 
     from .quantize.techniques import Techniques, quantize_with_techniques
 
-    chosen = {k: v for k, v in (("shift", cfg.shift), ("rescale", cfg.rescale),
+    from .quantize.technique_defaults import default_shift
+
+    shift = default_shift(target) if cfg.shift is None else cfg.shift
+    chosen = {k: v for k, v in (("shift", shift), ("rescale", cfg.rescale),
                                 ("bias_correction", cfg.bias_correction)) if v is not None}
     techniques = dataclasses.replace(Techniques(), **chosen)
 

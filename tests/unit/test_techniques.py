@@ -348,8 +348,12 @@ def test_defaults_are_recorded(tiny_vit, calib_npz, tmp_path):
     from vitdeploy.quantize import techniques as t
 
     record = _build(tiny_vit, calib_npz, tmp_path / "default")
+    from vitdeploy.quantize.technique_defaults import DEFAULT_SHIFT_CPU
+
+    shift = DEFAULT_SHIFT_CPU if record["target"] == "cpu" else t.DEFAULT_SHIFT
     assert {k: record["techniques"][k]["enabled"] for k in ("shift", "rescale", "bias_correction")} == \
-        {"shift": t.DEFAULT_SHIFT, "rescale": t.DEFAULT_RESCALE, "bias_correction": t.DEFAULT_BIAS_CORRECTION}
+        {"shift": shift, "rescale": t.DEFAULT_RESCALE, "bias_correction": t.DEFAULT_BIAS_CORRECTION}
+    assert record["techniques"]["shift"]["default"] == shift
 
 
 def test_bias_less_linear_gets_a_bias_add_in_onnx(tmp_path):
