@@ -63,24 +63,22 @@ def test_cifar10_qdq_onnx_reproduces_pytorch_fake_quant(cifar_build, tmp_path):
     from vitdeploy.backends.ort import OrtRunner
     from vitdeploy.data import load_images
     from vitdeploy.load import load_model
-    from vitdeploy.quantize.apply import quantize_model
-    from vitdeploy.quantize.attention import matmul_quantizers
-    from vitdeploy.quantize.techniques import set_num_bits
+    from vitdeploy.pipeline import BuildConfig, _quantize
     from vitdeploy.targets import get_target
 
     out, record = cifar_build
     model, spec = load_model(out.parent / "cifar10_vit.pt", trust_pickle=True, mean=[0.5], std=[0.5])
-    int8 = [layer for layer in record["layers"] if layer["precision"] == "int8"]
-    qmodel = quantize_model(model, [layer["name"] for layer in int8])
-    set_num_bits(qmodel, weights=get_target("cpu").weight_bits)  # the cpu file's 7-bit weights
+    # The build's fake-quant model again: its plan, its techniques (the cpu default has the shift on),
+    # calibrated on the same 512 images.
+    precision = {layer["name"]: layer["precision"] for layer in record["layers"]}
+    calib = load_images(shared_path("cifar10", "train_10k.npz"), spec).sample(512, 0)
+    qmodel, _, techniques, _ = _quantize(model, precision, get_target("cpu"), calib,
+                                         BuildConfig(model=out.parent / "cifar10_vit.pt"))
+    assert techniques["shift"]["enabled"] == record["techniques"]["shift"]["enabled"]
+    int8 = [layer for layer in record["layers"] if layer["precision"] == "int8" and layer["kind"] != "matmul"]
     modules = dict(qmodel.named_modules())
-    for layer in int8:  # the activation ranges the build calibrated
-        if layer["kind"] == "matmul":
-            path, _, matmul = layer["name"].rpartition(".")
-            for q, amax in zip(matmul_quantizers(modules[path], matmul), layer["input_amax"]):
-                q.set_amax(amax)
-        else:
-            modules[layer["name"]].input_quantizer.set_amax(layer["input_amax"])
+    for layer in int8:  # the same activation ranges the build recorded
+        assert float(modules[layer["name"]].input_quantizer.amax) == pytest.approx(layer["input_amax"], rel=1e-6)
     images = load_images(shared_path("cifar10", "test.npz"), spec).subset(range(2000))
     x = np.concatenate([b for b, _ in images.batches(500)])
     with torch.no_grad():
