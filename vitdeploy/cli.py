@@ -112,7 +112,7 @@ def cmd_analyze(args) -> int:
     from .artifacts import write_json
     from .data import load_images
     from .inventory import find_layers
-    from .load import load_model
+    from .load import arch_file, load_model
     from .outputs import OutputFolder, folder_name
     from .pipeline import warn_fewer_images
     from .plan import int8_mac_share, write_plan
@@ -120,9 +120,8 @@ def cmd_analyze(args) -> int:
     if args.max_drop is not None and args.data is None:
         raise InputError("--max-drop needs held-out labelled images: pass --data")
     out = args.out or Path("engines") / f"{folder_name(args.model.stem)}-analysis"
-    arch_file = Path(args.arch.rpartition(":")[0]) if args.arch and ":" in args.arch else None
     with stage("write"):
-        output = OutputFolder(out, [args.model, args.calib, args.data, arch_file]).check()
+        output = OutputFolder(out, [args.model, args.calib, args.data, arch_file(args.arch)]).check()
     with stage("load"):
         model, spec = load_model(args.model, args.arch, args.model_kwargs, args.trust_pickle,
                                  args.input_size, args.mean, args.std)

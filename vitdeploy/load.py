@@ -156,6 +156,11 @@ def _all_tensors(d: dict) -> bool:
 
 # --------------------------------------------------------------------------- architectures
 
+def arch_file(arch: Optional[str]) -> Optional[Path]:
+    """The Python file of a ``file.py:Name`` --arch (an input the output folder must not hold), else None."""
+    return Path(arch.rpartition(":")[0]) if arch and ":" in arch else None
+
+
 def build_arch(arch: str, kwargs: Dict[str, Any]):
     """A timm model name, or ``file.py:Name`` (a class or factory defined in that file) for plain PyTorch.
 

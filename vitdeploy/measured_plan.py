@@ -55,18 +55,20 @@ def measured_plan(model, layers: List, base: PrecisionPlan, images, calib_method
     kl, agree, amax = measure_layers(model, measured, inputs, reference, calib_method, batch_size)
     total = sum(kl.values())
     median = float(np.median(list(kl.values())))
-    role_amax = _median_amax_by_role(measured, amax)
+    others_amax = _others_median_amax(measured, amax)
     reasons: Dict[str, str] = {}
+    kept: List[str] = []
     for layer in sorted(measured, key=lambda l: -kl[l.name]):
         share = kl[layer.name] / total if total > 0 else 0.0
         ratio = kl[layer.name] / median if median > 0 else float("inf")
         facts = f"alone in INT8: KL {kl[layer.name]:.3g} ({100 * share:.1f} % of all layers', {ratio:.0f}x the median)"
-        facts += _amax_note(layer, amax, role_amax)
+        facts += _amax_note(layer, amax, others_amax)
         dominant = share >= DOMINANT_SHARE and ratio >= DOMINANT_RATIO and kl[layer.name] >= MIN_KL
         if dominant:
             trial = {**precision, layer.name: "fp16"}
             if int8_mac_share(layers, trial) >= int8_budget:
                 precision = trial
+                kept.append(layer.name)
                 reasons[layer.name] = f"fp16: dominates the INT8 loss; {facts}"
                 continue
             reasons[layer.name] = f"{precision[layer.name]}: dominates the loss, but FP16 would take the INT8 MAC " \
@@ -75,17 +77,17 @@ def measured_plan(model, layers: List, base: PrecisionPlan, images, calib_method
             reasons[layer.name] = f"{precision[layer.name]}: {facts}"
     for layer in layers:
         reasons.setdefault(layer.name, f"{precision[layer.name]}: {base.meta.get('source', 'base plan')}")
-    kept = [n for n, r in reasons.items() if r.startswith("fp16: dominates")]
     if kept:
         log.info("measured plan: %s kept in FP16 (each dominates the INT8 loss); %.1f %% of Linear/Conv MACs INT8",
                  ", ".join(kept), int8_mac_share(layers, precision))
     meta = {"source": f"measured ({len(inputs)} calibration images, each layer alone in INT8; "
                       f"{base.meta.get('source', 'base plan')} otherwise)",
-            "int8_budget": int8_budget, "sensitivity_images": int(len(inputs)), "reasons": reasons}
+            "int8_budget": int8_budget, "sensitivity_images": int(len(inputs)), "fp16_measured": sorted(kept),
+            "reasons": reasons}
     return PrecisionPlan(default=base.default, layers=precision, meta=meta)
 
 
-def _median_amax_by_role(layers, amax) -> Dict[str, Dict[str, float]]:
+def _others_median_amax(layers, amax) -> Dict[str, Dict[str, float]]:
     """For each layer, the median input amax of the *other* layers of its role (qkv, mlp_fc2, ...)."""
     by_role: Dict[str, Dict[str, float]] = {}
     for layer in layers:

@@ -72,8 +72,9 @@ class BuildConfig:
 
     def input_paths(self) -> list:
         """Every file or folder the build reads: none of them may lie inside the output folder."""
-        arch_file = Path(self.arch.rpartition(":")[0]) if self.arch and ":" in self.arch else None
-        return [p for p in (self.model, self.calib, self.plan, self.eval_data, arch_file) if p is not None]
+        from .load import arch_file
+
+        return [p for p in (self.model, self.calib, self.plan, self.eval_data, arch_file(self.arch)) if p is not None]
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -170,8 +171,7 @@ def build(cfg: BuildConfig) -> dict:
             "versions": versions(),
             "files": {},
             "plan": {"source": str(cfg.plan) if cfg.plan else plan.meta.get("source"),
-                     "fp16_measured": sorted(n for n, r in plan.meta.get("reasons", {}).items()
-                                             if r.startswith("fp16: dominates")),
+                     "fp16_measured": plan.meta.get("fp16_measured", []),
                      "int8_linear_mac_share": int8_mac_share(layers, precision),
                      "int8_mac_share": int8_mac_share(layers, precision, kinds=("linear", "conv", "matmul"))},
             "techniques": techniques,
@@ -259,12 +259,11 @@ def _write_outputs(folder: Path, record: dict, precision: dict, target, calib, a
     if amax and not target.is_tensorrt:
         write_calib_cache(folder / "calib.cache", amax)
     if target.is_tensorrt:
-        from .bundle import DEFAULT_OPT_BATCH, write_bundle
+        from .bundle import write_bundle
 
         onnx_path = folder / ("model.int8.onnx" if amax else "model.fp32.onnx")
         images = np.concatenate([x for x, _ in calib.batches(256)])
-        record["bundle"] = write_bundle(folder, target, onnx_path, images, amax, record, max_batch=max_batch,
-                                        opt_batch=min(DEFAULT_OPT_BATCH, max_batch))
+        record["bundle"] = write_bundle(folder, target, onnx_path, images, amax, record, max_batch=max_batch)
 
 
 def _write_records(folder: Path, record: dict) -> None:
@@ -277,12 +276,12 @@ def _write_records(folder: Path, record: dict) -> None:
 
 def engine_argv(target, spec: ModelSpec, cfg: BuildConfig) -> list:
     """build_engine.py's arguments for this build: the bundle's command plus the user's engine options."""
-    from .bundle import DEFAULT_OPT_BATCH, build_engine_command
+    from .bundle import build_engine_command
 
     implicit = cfg.trt_calibrator is not None
     onnx_name = "model.int8.onnx" if target.int8 and not implicit else "model.fp32.onnx"
     argv = build_engine_command(target, onnx_name, spec.input_size, cfg.max_batch, input_name=spec.input_name,
-                                dla_core=cfg.dla_core, opt_batch=min(DEFAULT_OPT_BATCH, cfg.max_batch))[2:]
+                                dla_core=cfg.dla_core)[2:]
     argv += ["--timing-cache", "timing.cache", "--preprocessing", "build.json"]
     if cfg.workspace_mib:
         argv += ["--workspace", str(cfg.workspace_mib)]

@@ -82,10 +82,9 @@ class OrtRunner(Runner):
     def infer_impl(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         static = self.session.get_inputs()[0].shape[0]
         batch = len(next(iter(feeds.values())))
-        if isinstance(static, int) and static != batch and batch % static == 0:
-            # A file exported at a fixed batch (a model that would not export batch-dynamic): in pieces.
-            pieces = [self.session.run(None, {k: v[i:i + static] for k, v in feeds.items()})
-                      for i in range(0, batch, static)]
+        if static == 1 and batch > 1:
+            # A file exported for batch 1 (a model that would not export batch-dynamic): image by image.
+            pieces = [self.session.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(batch)]
             outputs = [np.concatenate(parts) for parts in zip(*pieces)]
         else:
             outputs = self.session.run(None, feeds)
