@@ -1,6 +1,8 @@
 """nn.MultiheadAttention (torchvision's ViT, nn.TransformerEncoder) written out and quantized like timm's."""
 import logging
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -86,8 +88,12 @@ def test_build_quantizes_projections_and_matmuls(kind, tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8))
     out = tmp_path / "out"
+    # The role defaults with INT8 attention (TensorRT targets keep it FP16 unless a plan says otherwise).
+    ends = {"conv_proj": "fp16", "heads.head": "fp16"} if kind == "torchvision" else {"embed": "fp16", "head": "fp16"}
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"default": "int8", "layers": {**ends, "*.matmul_*": "int8"}}))
     record = build(BuildConfig(model=tmp_path / "m.pt", trust_pickle=True, mean=(0.5,), std=(0.5,), input_size=(3, 32, 32),
-                               calib=calib, calib_size=32, verify_images=32, target="jetson-orin", out=out))
+                               calib=calib, calib_size=32, verify_images=32, target="jetson-orin", out=out, plan=plan))
     assert record["verification"]["int8"]["agreement"] >= 99.0 and not record["lint"]
     roles = {layer["role"]: [] for layer in record["layers"]}
     for layer in record["layers"]:

@@ -281,10 +281,11 @@ class _Editor:
         if len(users) == 1 and users[0].op_type == "Add":
             add = users[0]
             other = [i for i, t in enumerate(add.input) if t != node.output[0]]
-            if len(other) == 1 and add.input[other[0]] in self.inits:
-                old = numpy_helper.to_array(self.inits[add.input[other[0]]])
+            old_name = self._initializer_behind(add.input[other[0]]) if len(other) == 1 else None
+            if old_name is not None:
+                old = numpy_helper.to_array(self.inits[old_name])
                 if old.size == bias.size:  # the Linear's own bias Add
-                    self.replaced.add(add.input[other[0]])
+                    self.replaced.add(old_name)
                     add.input[other[0]] = name
                     return
         # No bias Add after the MatMul (a Linear without bias): add one.
@@ -292,6 +293,21 @@ class _Editor:
         node.output[0] = f"{base}/MatMul_output"
         self.after.setdefault(index, []).append(helper.make_node(
             "Add", [node.output[0], name], [out], name=f"{base}/bias/Add"))
+
+    def _initializer_behind(self, tensor: str) -> Optional[str]:
+        """The initializer a tensor is, directly or through Identity nodes, else None.
+
+        The TorchScript exporter deduplicates equal initializers: two Linears whose biases are equal
+        (cloned encoder layers, zero-initialised biases) share one, the second behind an Identity.
+        Missing that once added the folded bias *beside* the old one (nn.TransformerEncoder, shift on).
+        """
+        producers = {out: n for n in self.graph.node for out in n.output}
+        while tensor not in self.inits:
+            node = producers.get(tensor)
+            if node is None or node.op_type != "Identity":
+                return None
+            tensor = node.input[0]
+        return tensor
 
     def center_tokens(self, index: int, node, base: str) -> str:
         """v → ``d = v - mean_tokens(v)`` as the MatMul's second input; returns the mean's name.
