@@ -58,13 +58,13 @@ def add_measured_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_technique_args(p: argparse.ArgumentParser) -> None:
-    from .quantize.technique_defaults import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE, DEFAULT_SHIFT
+    from .quantize.technique_defaults import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE
 
     on_off = lambda default: "on" if default else "off"
     g = p.add_argument_group("accuracy techniques (all TensorRT-legal: symmetric Q/DQ, folded into FP32 parameters)")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
                    help="centre each Linear input's channels before its quantizer, W·z folded into the bias "
-                        f"(default on for cpu, {on_off(DEFAULT_SHIFT)} for TensorRT targets)")
+                        "(default on; the softmax output too on cpu, and on TensorRT targets only with an explicit --shift)")
     g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
                    help="SmoothQuant channel factors folded into LayerNorm γ/β and the Linears it feeds "
                         f"(default {on_off(DEFAULT_RESCALE)})")

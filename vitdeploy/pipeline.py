@@ -119,7 +119,7 @@ def build(cfg: BuildConfig) -> dict:
             if cfg.eval_data else None
         layers = find_layers(model, spec)
     if plan is None:
-        plan = role_defaults(layers)
+        plan = role_defaults(layers, include_attention=not target.is_tensorrt)
         if cfg.sensitivity_images > 0 and target.int8:
             from .measured_plan import measured_plan
 
@@ -328,10 +328,12 @@ def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
 
     from .quantize.techniques import Techniques, quantize_with_techniques
 
-    from .quantize.technique_defaults import default_shift
+    from .quantize.technique_defaults import default_shift, default_softmax_shift
 
     shift = default_shift(target) if cfg.shift is None else cfg.shift
-    chosen = {k: v for k, v in (("shift", shift), ("rescale", cfg.rescale),
+    # An explicit --shift shifts the softmax too; the default one does so only where it is free (cpu).
+    softmax_shift = default_softmax_shift(target) if cfg.shift is None else cfg.shift
+    chosen = {k: v for k, v in (("shift", shift), ("softmax_shift", softmax_shift), ("rescale", cfg.rescale),
                                 ("bias_correction", cfg.bias_correction)) if v is not None}
     techniques = dataclasses.replace(Techniques(), **chosen)
 

@@ -204,8 +204,11 @@ def test_vit_pytorch_build_quantizes_attention_and_onnx_matches(source, tmp_path
     rng = np.random.default_rng(0)
     np.savez(calib, x=rng.integers(0, 256, (32, 16, 16, 1), dtype=np.uint8))
     out = tmp_path / "out"
+    plan = tmp_path / "plan.json"   # TensorRT targets keep attention FP16 by default: ask for INT8
+    plan.write_text(json.dumps({"default": "int8", "layers": {"embed": "fp16", "head.1": "fp16", "*.matmul_*": "int8"}}))
     record = build(BuildConfig(model=weights, arch=f"{path}:TinyViT", input_size=[1, 16, 16], mean=[0.5], std=[0.5],
-                               calib=calib, calib_size=32, verify_images=32, target=target, out=out, shift=shift))
+                               calib=calib, calib_size=32, verify_images=32, target=target, out=out, shift=shift,
+                               plan=plan))
     matmuls = [layer for layer in record["layers"] if layer["kind"] == "matmul"]
     assert len(matmuls) == 4 and all(layer["precision"] == "int8" for layer in matmuls)
     verification = record["verification"]["int8"]
@@ -222,3 +225,27 @@ def test_vit_pytorch_build_quantizes_attention_and_onnx_matches(source, tmp_path
     else:
         assert "ReduceMean" not in ops and not record["lint"]
     assert json.loads((out / "build.json").read_text())["techniques"]["shift"]["enabled"] is shift
+
+
+@pytest.mark.parametrize("target", ["jetson-orin", "cpu"])
+def test_default_build_attention_precision_per_target(source, tmp_path, target):
+    """TensorRT targets: attention matmuls FP16 by default and the default shift leaves the softmax
+    alone (no Sub between Softmax and a Q/DQ); cpu: INT8 attention with its uint8 softmax."""
+    from vitdeploy.pipeline import BuildConfig, build
+
+    path, module = source
+    weights = tmp_path / "weights.pt"
+    torch.save(_model(module).state_dict(), weights)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).integers(0, 256, (32, 16, 16, 1), dtype=np.uint8))
+    out = tmp_path / "out"
+    record = build(BuildConfig(model=weights, arch=f"{path}:TinyViT", input_size=[1, 16, 16], mean=[0.5], std=[0.5],
+                               calib=calib, calib_size=32, verify_images=32, target=target, out=out))
+    matmuls = {layer["name"]: layer["precision"] for layer in record["layers"] if layer["kind"] == "matmul"}
+    assert set(matmuls.values()) == ({"fp16"} if target != "cpu" else {"int8"})
+    shift = record["techniques"]["shift"]
+    assert shift["enabled"] and shift["softmax"] == (target == "cpu")
+    linears = {layer["name"] for layer in record["layers"] if layer["kind"] == "linear" and layer["precision"] == "int8"}
+    assert linears and set(shift["layers"]) == linears   # every INT8 Linear's input is shifted
+    ops = [n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node]
+    assert "ReduceMean" not in ops and not any("attention-softmax-shift" in v for v in record["lint"])

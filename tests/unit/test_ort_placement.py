@@ -233,8 +233,10 @@ def _optimized_ops(model: onnx.ModelProto, folder) -> list:
 @pytest.fixture(scope="module")
 def tiny_build(tiny_vit, calib_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("placement") / "tiny"
+    plan = out.parent / "plan.json"   # INT8 attention too (TensorRT targets keep it FP16 by default)
+    plan.write_text('{"default": "int8", "layers": {"patch_embed.proj": "fp16", "head": "fp16"}}')
     assert main(["build", str(tiny_vit.state_dict), "--arch", tiny_vit.arch, "--model-kwargs", tiny_vit.kwargs,
-                 "--calib", str(calib_npz), "--calib-size", "16", "--out", str(out), "--quiet",
+                 "--calib", str(calib_npz), "--calib-size", "16", "--out", str(out), "--quiet", "--plan", str(plan),
                  "--target", "jetson-orin"]) == 0   # the TensorRT-style graph the pass starts from
     return out
 

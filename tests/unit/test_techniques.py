@@ -300,7 +300,7 @@ def test_int8_asym_plan_on_tensorrt_target_has_only_zero_zero_points(tiny_vit, c
 
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"default": "int8-asym", "layers": {}}))   # Conv, Linears (head: Gemm), matmuls
-    record = _build(tiny_vit, calib_npz, tmp_path / "orin", target="jetson-orin", plan=plan)
+    record = _build(tiny_vit, calib_npz, tmp_path / "orin", target="jetson-orin", plan=plan, shift=False)  # asym alone
     path = tmp_path / "orin" / "model.int8.onnx"
     assert not [v for v in lint_model(path, "jetson-orin") if v.rule == "zero-point"]
     assert all(z.dtype == np.int8 and not z.any() for z in _zero_points(path))
@@ -349,16 +349,18 @@ def test_all_techniques_build_reproduces_pytorch_and_is_recorded(tiny_vit, calib
     np.testing.assert_array_equal(gamma, tiny_vit.model.blocks[0].norm1.weight.detach().numpy())
 
 
-def test_defaults_are_recorded(tiny_vit, calib_npz, tmp_path):
+@pytest.mark.parametrize("target", ["cpu", "jetson-orin"])
+def test_defaults_are_recorded(tiny_vit, calib_npz, tmp_path, target):
     from vitdeploy.quantize import techniques as t
 
-    record = _build(tiny_vit, calib_npz, tmp_path / "default")
-    from vitdeploy.quantize.technique_defaults import DEFAULT_SHIFT_CPU
+    record = _build(tiny_vit, calib_npz, tmp_path / "default", target=target)
+    from vitdeploy.quantize.technique_defaults import DEFAULT_SHIFT_BUILD
 
-    shift = DEFAULT_SHIFT_CPU if record["target"] == "cpu" else t.DEFAULT_SHIFT
     assert {k: record["techniques"][k]["enabled"] for k in ("shift", "rescale", "bias_correction")} == \
-        {"shift": shift, "rescale": t.DEFAULT_RESCALE, "bias_correction": t.DEFAULT_BIAS_CORRECTION}
-    assert record["techniques"]["shift"]["default"] == shift
+        {"shift": DEFAULT_SHIFT_BUILD, "rescale": t.DEFAULT_RESCALE, "bias_correction": t.DEFAULT_BIAS_CORRECTION}
+    assert record["techniques"]["shift"]["default"] == DEFAULT_SHIFT_BUILD
+    # The default shift reaches the softmax only where it is free (cpu's uint8 quantizer).
+    assert record["techniques"]["shift"]["softmax"] == (record["target"] == "cpu")
 
 
 def test_bias_less_linear_gets_a_bias_add_in_onnx(tmp_path):

@@ -43,8 +43,10 @@ def test_variant_builds_for_tensorrt(variant, calib, tmp_path):
     cls = VisionTransformerDistilled if variant == "deit_distilled" else VisionTransformer
     torch.save(cls(**BASE, **VARIANTS[variant]).eval(), tmp_path / "m.pt")
     out = tmp_path / "out"
+    plan = tmp_path / "plan.json"   # the role defaults with INT8 attention (TensorRT's default keeps it FP16)
+    plan.write_text('{"default": "int8", "layers": {"patch_embed.proj": "fp16", "head*": "fp16"}}')
     record = build(BuildConfig(model=tmp_path / "m.pt", trust_pickle=True, mean=(0.5,), std=(0.5,), calib=calib,
-                               calib_size=32, verify_images=32, target="jetson-orin", out=out))
+                               calib_size=32, verify_images=32, target="jetson-orin", out=out, plan=plan))
     assert record["verification"]["int8"]["agreement"] >= 99.0 and not record["lint"]
     precision = {layer["name"]: layer["precision"] for layer in record["layers"]}
     heads = [n for n in precision if n.startswith("head")]

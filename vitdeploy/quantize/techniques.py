@@ -50,6 +50,9 @@ DEFAULT_ALPHA = 0.75
 @dataclasses.dataclass(frozen=True)
 class Techniques:
     shift: bool = DEFAULT_SHIFT
+    #: With the shift on, whether it also shifts the softmax output of an INT8 matmul_av (the build
+    #: turns it off on TensorRT targets unless --shift is given: outside the fused-MHA pattern).
+    softmax_shift: bool = True
     rescale: bool = DEFAULT_RESCALE
     bias_correction: bool = DEFAULT_BIAS_CORRECTION
     alpha: float = DEFAULT_ALPHA
@@ -98,7 +101,7 @@ def input_modes(model: nn.Module, precision: Dict[str, str], target, techniques:
             continue
         asym = p == "int8-asym"
         if name.rpartition(".")[2] in MATMULS:
-            if name.endswith("matmul_av") and (asym or techniques.shift):
+            if name.endswith("matmul_av") and (asym or (techniques.shift and techniques.softmax_shift)):
                 modes[name] = "shift-tensor" if trt else "uint8"
             else:
                 modes[name] = "int8"
@@ -147,6 +150,7 @@ def quantize_with_techniques(model: nn.Module, precision: Dict[str, str], target
     corrected = [n for n, m in qmodel.named_modules() if getattr(m, "bias_corrected", False)]
     record = {
         "shift": {"enabled": techniques.shift, "default": default_shift(target),
+                  "softmax": bool(techniques.shift and techniques.softmax_shift),
                   "layers": [n for n, m in modes.items() if "shift" in m]},
         "rescale": {"enabled": techniques.rescale, "default": DEFAULT_RESCALE, "alpha": techniques.alpha,
                     "groups": rescale_record["groups"], "skipped": rescale_record["skipped"]},
