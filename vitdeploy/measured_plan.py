@@ -83,7 +83,7 @@ def measured_plan(model, layers: List, base: PrecisionPlan, images, calib_method
     meta = {"source": f"measured ({len(inputs)} calibration images, each layer alone in INT8; "
                       f"{base.meta.get('source', 'base plan')} otherwise)",
             "int8_budget": int8_budget, "sensitivity_images": int(len(inputs)), "fp16_measured": sorted(kept),
-            "reasons": reasons}
+            "reasons": reasons, "kl_alone": {name: float(f"{value:.4g}") for name, value in kl.items()}}
     return PrecisionPlan(default=base.default, layers=precision, meta=meta)
 
 

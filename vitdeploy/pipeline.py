@@ -49,6 +49,7 @@ class BuildConfig:
     # The default plan (no --plan) from measurement: measured_plan.py. 0 images = role defaults only.
     sensitivity_images: int = 64
     int8_budget: float = 90.0
+    max_drop: Optional[float] = None    # accuracy budget in top-1 points (accuracy_budget.py)
     eval_data: Optional[Path] = None
     batch_size: int = 64
     verify_images: int = 256
@@ -90,6 +91,8 @@ def build(cfg: BuildConfig) -> dict:
     target = get_target(cfg.target)
     if cfg.calib_size <= 0:
         raise InputError(f"--calib-size must be positive, got {cfg.calib_size}")
+    if cfg.max_drop is not None and not 0 <= cfg.max_drop <= 100:
+        raise InputError(f"--max-drop is in top-1 points, 0 to 100; got {cfg.max_drop:g}")
     if cfg.dla_core is not None and not target.dla:
         raise InputError(f"--dla: {target.name} has no DLA (Jetson Xavier and Orin do)")
     if cfg.trt_calibrator and not target.is_tensorrt:
@@ -130,6 +133,9 @@ def build(cfg: BuildConfig) -> dict:
         precision = plan.resolve(layer.name for layer in layers)
     if not target.int8:  # TX2: no INT8 on sm_62, everything runs in FP16
         precision = {name: "fp16" if p in QUANTIZED else p for name, p in precision.items()}
+    max_drop = None
+    if cfg.max_drop is not None and target.int8 and any(p in QUANTIZED for p in precision.values()):
+        precision, max_drop = _meet_max_drop(model, layers, precision, plan, calib, target, cfg)
     quantized = [n for n, p in precision.items() if p in QUANTIZED]
     with stage("calibrate"):
         log.info("model %s: input %s, %d classes; calibrating on %d of %d images from %s",
@@ -172,6 +178,7 @@ def build(cfg: BuildConfig) -> dict:
             "files": {},
             "plan": {"source": str(cfg.plan) if cfg.plan else plan.meta.get("source"),
                      "fp16_measured": plan.meta.get("fp16_measured", []),
+                     "max_drop": max_drop,
                      "int8_linear_mac_share": int8_mac_share(layers, precision),
                      "int8_mac_share": int8_mac_share(layers, precision, kinds=("linear", "conv", "matmul"))},
             "techniques": techniques,
@@ -254,8 +261,17 @@ def _write_outputs(folder: Path, record: dict, precision: dict, target, calib, a
     from .calib_cache import write_calib_cache
     from .plan import write_plan
 
-    write_plan(folder / "plan.json", precision, {"model": record["name"], "source": record["plan"]["source"],
-                                                 **({"reasons": plan_meta["reasons"]} if "reasons" in plan_meta else {})})
+    meta = {"model": record["name"], "source": record["plan"]["source"]}
+    reasons = dict(plan_meta.get("reasons", {}))
+    budget = record["plan"].get("max_drop")
+    if budget:
+        meta["max_drop"] = {k: v for k, v in budget.items() if k != "history"}
+        for step in budget["history"][1:]:
+            reasons[step["fp16"][-1]] = (f"fp16: --max-drop {budget['max_drop']:g}: with it in FP16 too, top-1 "
+                                         f"{step['top1']:.2f} % on the calibration images (FP32 {budget['fp32_top1']:.2f})")
+    if reasons:
+        meta["reasons"] = reasons
+    write_plan(folder / "plan.json", precision, meta)
     if amax and not target.is_tensorrt:
         write_calib_cache(folder / "calib.cache", amax)
     if target.is_tensorrt:
@@ -319,6 +335,28 @@ def _engine_or_bundle(out_dir: Path, target, spec: ModelSpec, cfg: BuildConfig) 
         raise BuildError(f"TensorRT engine build failed (exit {code}); the bundle in {out_dir} is complete: "
                          f"rerun there with: {command}")
     return {"built": True, "command": command, "engine": "model.engine", "metadata": "model.engine.json"}
+
+
+def _meet_max_drop(model, layers, precision: dict, plan, calib, target, cfg: BuildConfig):
+    """--max-drop: (precision, record) from accuracy_budget.py, ordered by the measured plan's per-layer KL
+    (measured here when the plan came from --plan)."""
+    import torch
+
+    from .accuracy_budget import meet_max_drop
+
+    with stage("analyse"):
+        sensitivity = plan.meta.get("kl_alone")
+        if not sensitivity:
+            from .analyse import measure_layers
+
+            subset = calib.subset(range(min(max(cfg.sensitivity_images, 16), len(calib))))
+            inputs = torch.from_numpy(np.concatenate([x for x, _ in subset.batches(256)]))
+            with torch.no_grad():
+                reference = torch.cat([model(inputs[i:i + cfg.batch_size]) for i in range(0, len(inputs), cfg.batch_size)])
+            measured = [layer for layer in layers if precision[layer.name] in ("int8", "int8-asym")]
+            sensitivity = measure_layers(model, measured, inputs, reference, cfg.calib_method, cfg.batch_size)[0]
+        return meet_max_drop(model, layers, precision, calib, cfg.max_drop, cfg.int8_budget, sensitivity,
+                             lambda p: _quantize(model, p, target, calib, cfg)[:2], cfg.batch_size)
 
 
 def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):

@@ -31,8 +31,9 @@ def massive_vit(tmp_path_factory, tiny_vit):
 
 
 def _build(path, calib_npz, out, **kwargs):
+    kwargs = {"calib_size": 16, **kwargs}
     record = build(BuildConfig(model=path, arch=TINY_VIT_ARCH, model_kwargs=json.dumps(TINY_VIT_KWARGS),
-                               calib=calib_npz, calib_size=16, out=out, verify_min_agreement=0,
+                               calib=calib_npz, out=out, verify_min_agreement=0,
                                verify_min_cosine=-1, **kwargs))
     return record, json.loads((out / "plan.json").read_text())
 
@@ -71,3 +72,56 @@ def test_negligible_loss_moves_nothing(tiny_vit, calib_npz, tmp_path):
     record, plan = _build(tiny_vit.state_dict, calib_npz, tmp_path / "out", int8_budget=0)
     assert record["plan"]["fp16_measured"] == []
     assert {p for n, p in plan["layers"].items() if n not in ("patch_embed.proj", "head")} == {"int8"}
+
+
+@pytest.fixture(scope="module")
+def labelled_by_fp32(tmp_path_factory, massive_vit):
+    """64 random images labelled with the massive ViT's own FP32 predictions: FP32 top-1 is 100 %, so
+    every image INT8 changes counts as a drop."""
+    import numpy as np
+    import timm
+
+    model = timm.create_model(TINY_VIT_ARCH, pretrained=False, **TINY_VIT_KWARGS).eval()
+    model.load_state_dict(torch.load(massive_vit))
+    x = np.random.default_rng(1).integers(0, 256, size=(64, 16, 16, 3), dtype=np.uint8)
+    with torch.no_grad():
+        y = model((torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5).argmax(1).numpy()
+    path = tmp_path_factory.mktemp("labelled") / "labelled.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_max_drop_moves_sensitive_layers_until_the_drop_fits(massive_vit, labelled_by_fp32, tmp_path):
+    # No measured plan (0 sensitivity images): the massive layer starts INT8 and --max-drop finds it.
+    record, plan = _build(massive_vit, labelled_by_fp32, tmp_path / "out", max_drop=0.0, int8_budget=0.0,
+                          sensitivity_images=0, calib_size=64, target="jetson-orin")
+    budget = record["plan"]["max_drop"]
+    history = budget["history"]
+    assert budget["fp32_top1"] == 100.0 and history[0]["top1"] < 100.0   # INT8 changed some images
+    assert budget["met"] and budget["drop"] <= 0.0 and budget["int8_top1"] == 100.0
+    moved = budget["fp16_for_max_drop"]
+    assert moved and all(plan["layers"][name] == "fp16" for name in moved)
+    assert all("--max-drop 0" in plan["meta"]["reasons"][name] for name in moved)
+    assert moved[0] == MASSIVE      # the most sensitive layer (KL alone in INT8) goes first
+    # Each step's top-1 was measured, and the build is reproducible from its plan.json alone.
+    assert len(history) == len(moved) + 1
+    again, _ = _build(massive_vit, labelled_by_fp32, tmp_path / "again", plan=tmp_path / "out" / "plan.json",
+                      calib_size=64, target="jetson-orin")
+    assert {l["name"]: l["precision"] for l in again["layers"]} == {l["name"]: l["precision"] for l in record["layers"]}
+
+
+def test_max_drop_respects_the_int8_budget(massive_vit, labelled_by_fp32, tmp_path):
+    record, _ = _build(massive_vit, labelled_by_fp32, tmp_path / "out", max_drop=0.0, int8_budget=94.0,
+                       sensitivity_images=0, calib_size=64, target="jetson-orin")
+    budget = record["plan"]["max_drop"]
+    assert record["plan"]["int8_linear_mac_share"] >= 94.0   # the role defaults have 94.4
+    assert not budget["met"] and budget["drop"] > 0   # said, not silently lowered
+
+
+def test_max_drop_needs_labels(massive_vit, calib_npz, tmp_path):
+    from vitdeploy.cli import main
+
+    code = main(["build", str(massive_vit), "--arch", TINY_VIT_ARCH, "--model-kwargs", json.dumps(TINY_VIT_KWARGS),
+                 "--calib", str(calib_npz), "--calib-size", "16", "--out", str(tmp_path / "o"), "--quiet",
+                 "--max-drop", "0.5"])
+    assert code == 2 and not (tmp_path / "o").exists()
