@@ -19,6 +19,7 @@ class ModelSpec:
     source: str = ""
     arch: Optional[str] = None
     crop_pct: float = 1.0
+    crop_mode: str = "center"     # timm's: center, squash or border (data.py runs timm's eval transform)
     interpolation: str = "bilinear"
     input_name: str = "input"
     output_name: str = "logits"

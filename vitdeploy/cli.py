@@ -213,7 +213,8 @@ def _eval_spec(args):
     expand = lambda v: tuple(v) * size[0] if len(v) == 1 else tuple(v)
     return ModelSpec(name=args.onnx.stem, input_size=tuple(size), mean=expand(mean), std=expand(std),
                      num_classes=base.num_classes if base else 0,
-                     crop_pct=base.crop_pct if base else 1.0, interpolation=base.interpolation if base else "bilinear")
+                     crop_pct=base.crop_pct if base else 1.0, crop_mode=base.crop_mode if base else "center",
+                     interpolation=base.interpolation if base else "bilinear")
 
 
 def _onnx_input_size(path: Path):

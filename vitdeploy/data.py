@@ -11,6 +11,7 @@ from the model's, scaled to [0, 1] and normalised with the model's mean/std.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -188,23 +189,36 @@ def fit_to_input(image: np.ndarray, spec: ModelSpec, where: str) -> np.ndarray:
         else:
             raise InputError(f"{where}: image has {image.shape[2]} channels but the model takes {channels}: "
                              f"cannot resize it to the model's input {channels}x{height}x{width}")
-    if image.shape[:2] == (height, width):
-        return image
-    return _resize_center_crop(image, height, width, spec.crop_pct, spec.interpolation)
+    return _timm_eval_resize(image, spec)
 
 
-def _resize_center_crop(image: np.ndarray, height: int, width: int, crop_pct: float, interpolation: str) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _eval_transform(height: int, width: int, crop_pct: float, crop_mode: str, interpolation: str, fill_mean: tuple):
+    """timm's own evaluation transform up to the uint8 tensor (``use_prefetcher=True``: no float
+    conversion, no normalisation -- `normalize` does that). Built from the same fields
+    ``timm.data.resolve_data_config`` gives, so an image is resized and cropped exactly as
+    ``timm.data.create_transform(**resolve_data_config(model=m))`` does -- including an image that
+    already has the input size, which timm still scales by 1/crop_pct and centre-crops.
+    ``fill_mean``: the padding colour of the 'border' mode, one value per channel of the image."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    return transforms_imagenet_eval(img_size=(height, width), crop_pct=crop_pct, crop_mode=crop_mode,
+                                    interpolation=interpolation, mean=fill_mean, use_prefetcher=True)
+
+
+def _timm_eval_resize(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
     from PIL import Image
 
-    resample = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}.get(interpolation, Image.BILINEAR)
-    scale = max(height, width) / max(crop_pct, 1e-6) / min(image.shape[:2])
-    new_h, new_w = max(height, round(image.shape[0] * scale)), max(width, round(image.shape[1] * scale))
-    planes = []
-    for c in range(image.shape[2]):  # per plane: PIL has no mode for arbitrary channel counts
-        planes.append(np.asarray(Image.fromarray(image[:, :, c]).resize((new_w, new_h), resample)))
-    resized = np.stack(planes, axis=2)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return resized[top:top + height, left:left + width]
+    _, height, width = spec.input_size
+    key = (height, width, float(spec.crop_pct), spec.crop_mode or "center", spec.interpolation)
+    if image.shape[2] in (1, 3):   # PIL's L and RGB
+        pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else np.ascontiguousarray(image))
+        out = np.asarray(_eval_transform(*key, tuple(spec.mean))(pil))   # C×H×W uint8
+        return np.ascontiguousarray(out.transpose(1, 2, 0))
+    # Other channel counts, plane by plane (PIL resizes the bands of an image independently anyway).
+    planes = [np.asarray(_eval_transform(*key, (spec.mean[c],))(Image.fromarray(np.ascontiguousarray(image[:, :, c]))))[0]
+              for c in range(image.shape[2])]
+    return np.stack(planes, axis=2)
 
 
 def _read_image(path: Path, channels: int) -> np.ndarray:

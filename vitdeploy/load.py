@@ -285,7 +285,7 @@ def infer_spec(model, path: Path, arch: Optional[str], input_size=None, mean=Non
     return ModelSpec(
         name=path.stem, input_size=size, mean=mean, std=std, num_classes=int(out.shape[1]),
         source=str(path), arch=arch, crop_pct=float(cfg.get("crop_pct") or 1.0),
-        interpolation=str(cfg.get("interpolation") or "bilinear"),
+        crop_mode=str(cfg.get("crop_mode") or "center"), interpolation=str(cfg.get("interpolation") or "bilinear"),
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -195,13 +194,10 @@ def labelled_npz(tmp_path_factory) -> Path:
 
 
 def test_bench_build_folder(cpu_build, labelled_npz, capsys):
-    start = time.perf_counter()
     rc = main(["bench", str(cpu_build), "--runs", "5", "--warmup", "2", "--threads", "1", "--batch", "1,2",
                "--data", str(labelled_npz), "--quiet"])
-    elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert elapsed < 20, f"bench took {elapsed:.1f} s"
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4                          # header, separator, {fp32, int8} × {1, 2}
     assert "FP32" in table[2] and "INT8" in table[3] and "1.00x" in table[2]

@@ -1,6 +1,7 @@
 """Images for calibration and evaluation: folders and .npz files, resizing, sampling, normalisation."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,33 @@ def test_resize_to_model_input(crop_pct, interpolation):
 def test_resize_keeps_a_uniform_image_uniform_and_leaves_right_size_alone():
     assert (fit_to_input(np.full((20, 24, 3), 77, np.uint8), SPEC, "t") == 77).all()
     image = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-    assert fit_to_input(image, SPEC, "t") is image
+    np.testing.assert_array_equal(fit_to_input(image, SPEC, "t"), image)   # crop_pct 1: nothing to do
+
+
+@pytest.mark.parametrize("shape", [(224, 224), (300, 400), (500, 333)])
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_preprocessing_is_timms_eval_transform(shape, crop_mode):
+    """The exact input ``timm.data.create_transform(**resolve_data_config(model=m))`` gives: for the
+    real ViT-Tiny's config (bicubic, crop 0.9) a 224x224 photo is still scaled to 248 and cropped."""
+    import timm
+    import torch
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from vitdeploy.load import load_model
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": crop_mode}
+    path = Path(tempfile.mkdtemp()) / "m.pt"
+    torch.save(model, path)
+    _, spec = load_model(path, trust_pickle=True)
+    assert (spec.crop_pct, spec.crop_mode, spec.interpolation) == (0.9, crop_mode, "bicubic")
+    config = resolve_data_config(model=model)
+    assert config["crop_mode"] == crop_mode
+    image = np.random.default_rng(0).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    expected = create_transform(**config)(Image.fromarray(image)).numpy()
+    got = normalize(fit_to_input(image, spec, "t")[None], spec)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_folder_images_of_another_size_are_resized(tmp_path):

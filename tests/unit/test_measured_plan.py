@@ -83,10 +83,17 @@ def labelled_by_fp32(tmp_path_factory, massive_vit):
 
     model = timm.create_model(TINY_VIT_ARCH, pretrained=False, **TINY_VIT_KWARGS).eval()
     model.load_state_dict(torch.load(massive_vit))
+    from vitdeploy.data import load_images
+    from vitdeploy.load import load_model
+
+    folder = tmp_path_factory.mktemp("labelled")
     x = np.random.default_rng(1).integers(0, 256, size=(64, 16, 16, 3), dtype=np.uint8)
+    np.savez(folder / "unlabelled.npz", x=x)
+    _, spec = load_model(massive_vit, TINY_VIT_ARCH, json.dumps(TINY_VIT_KWARGS))   # the build's preprocessing
+    inputs = np.concatenate([b for b, _ in load_images(folder / "unlabelled.npz", spec).batches(64)])
     with torch.no_grad():
-        y = model((torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5).argmax(1).numpy()
-    path = tmp_path_factory.mktemp("labelled") / "labelled.npz"
+        y = model(torch.from_numpy(inputs)).argmax(1).numpy()
+    path = folder / "labelled.npz"
     np.savez(path, x=x, y=y)
     return path
 
