@@ -396,9 +396,11 @@ def _deploy_markdown(target: Target, record: Mapping, commands: _Commands, has_c
     if has_cache:
         lines += ["- `calib.cache`: the calibrated activation ranges in TensorRT's calibration cache "
                   "format. The Q/DQ ONNX already carries them and TensorRT ignores caches for "
-                  "networks with Q/DQ, so it only serves an implicit-INT8 build from an FP32 ONNX "
-                  "(`--trt-calibrator entropy --calib calib.npy --calib-cache calib.cache`, "
-                  "TensorRT 8-10) or to inspect the ranges."]
+                  "networks with Q/DQ, so it only serves to inspect the ranges, or an implicit-INT8 "
+                  "build from an FP32 ONNX with *these* ranges (`--trt-calibrator entropy --calib calib.npy "
+                  "--calib-cache calib.cache`, TensorRT 8-10: a non-empty cache is read instead of "
+                  "calibrating). A build with `--trt-calibrator entropy` calibrates on the device and "
+                  "keeps TensorRT's scales in `entropy.cache`."]
     lines += ["- `build_engine.py`: builds the engine with TensorRT's Python API.",
               "- `benchmark.py`: times the engines in this folder (latency, throughput, memory; top-1 "
               "with an `eval.npz`); `python3 benchmark.py --help`.",

@@ -34,7 +34,7 @@ from .errors import InputError
 # engines, their metadata, timing caches and benchmark reports to a bundle.
 _ANALYSIS_FILES = {"sensitivity.json", "sensitivity.png", "plan.json"}
 _LATER_FILES = {"build.json", "report.md", "model.engine", "model.dla.engine", "model.engine.json",
-                "timing.cache", "benchmark.json", "bench.png"}
+                "timing.cache", "entropy.cache", "benchmark.json", "bench.png"}
 _LATER_SUFFIXES = (".engine", ".engine.json")
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
 _TEMP_SUFFIX_LEN = len(".") + len(".tmp-") + 7 + 1 + 8  # pid (pid_max 4194304) and mkdtemp's 8 characters

@@ -302,8 +302,15 @@ def engine_argv(target, spec: ModelSpec, cfg: BuildConfig) -> list:
     if cfg.workspace_mib:
         argv += ["--workspace", str(cfg.workspace_mib)]
     if implicit:
-        argv += ["--trt-calibrator", cfg.trt_calibrator, "--calib", "calib.npy", "--calib-cache", "calib.cache"]
+        # TensorRT's own cache, which its entropy calibration writes on the device (and a rebuild there reuses):
+        # never calib.cache, our max-calibrated ranges -- a calibrator handed a non-empty cache skips
+        # calibrating, so entropy would never have run while model.engine.json said "entropy".
+        argv += ["--trt-calibrator", cfg.trt_calibrator, "--calib", "calib.npy", "--calib-cache", ENTROPY_CACHE]
     return argv
+
+
+#: Where TensorRT's entropy calibration (--trt-calibrator entropy) keeps its scales on the device.
+ENTROPY_CACHE = "entropy.cache"
 
 
 def _engine_or_bundle(out_dir: Path, target, spec: ModelSpec, cfg: BuildConfig) -> dict:

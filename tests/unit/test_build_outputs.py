@@ -40,7 +40,10 @@ def test_engine_options_reach_the_engine_command():
     assert argv[argv.index("--dla") + 1] == "0" and argv[argv.index("--max-batch") + 1] == "1"  # DLA: static batch 1
     implicit = engine_argv(get_target("jetson-orin"), spec, BuildConfig(model="m.pt", trt_calibrator="entropy"))
     assert implicit[0] == "model.fp32.onnx"        # implicit INT8 calibrates the FP32 network itself
-    assert "--calib" in implicit and "calib.npy" in implicit and "calib.cache" in implicit
+    assert implicit[implicit.index("--calib") + 1] == "calib.npy"
+    # TensorRT's entropy calibration must run: its cache is its own file, never our max-calibrated calib.cache
+    # (a non-empty cache is read back instead of calibrating).
+    assert implicit[implicit.index("--calib-cache") + 1] == "entropy.cache" and "calib.cache" not in implicit
     tx2 = engine_argv(get_target("jetson-tx2"), spec, BuildConfig(model="m.pt"))
     assert tx2[0] == "model.fp32.onnx" and tx2[tx2.index("--precision") + 1] == "fp16"
 
