@@ -1,7 +1,6 @@
 """Images for calibration and evaluation: folders and .npz files, resizing, sampling, normalisation."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -98,21 +97,27 @@ def test_resize_keeps_a_uniform_image_uniform_and_leaves_right_size_alone():
     np.testing.assert_array_equal(fit_to_input(image, SPEC, "t"), image)   # crop_pct 1: nothing to do
 
 
+@pytest.fixture(scope="module")
+def vit_tiny_untrained():
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+
+
 @pytest.mark.parametrize("shape", [(224, 224), (300, 400), (500, 333)])
 @pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
-def test_preprocessing_is_timms_eval_transform(shape, crop_mode):
+def test_preprocessing_is_timms_eval_transform(shape, crop_mode, vit_tiny_untrained, tmp_path):
     """The exact input ``timm.data.create_transform(**resolve_data_config(model=m))`` gives: for the
     real ViT-Tiny's config (bicubic, crop 0.9) a 224x224 photo is still scaled to 248 and cropped."""
-    import timm
     import torch
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
     from vitdeploy.load import load_model
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    model = vit_tiny_untrained
     model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": crop_mode}
-    path = Path(tempfile.mkdtemp()) / "m.pt"
+    path = tmp_path / "m.pt"
     torch.save(model, path)
     _, spec = load_model(path, trust_pickle=True)
     assert (spec.crop_pct, spec.crop_mode, spec.interpolation) == (0.9, crop_mode, "bicubic")
@@ -121,7 +126,38 @@ def test_preprocessing_is_timms_eval_transform(shape, crop_mode):
     image = np.random.default_rng(0).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
     expected = create_transform(**config)(Image.fromarray(image)).numpy()
     got = normalize(fit_to_input(image, spec, "t")[None], spec)[0]
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_jpeg_folder_and_npz_give_timms_tensors(tmp_path, vit_tiny_untrained):
+    """224x224 JPEGs in a folder, and the same decoded pixels as an .npz: both give what timm's eval
+    transform gives the decoded image (the real ViT-Tiny's config: bicubic, crop 0.9, centre)."""
+    import torch
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from vitdeploy.load import load_model
+
+    model = vit_tiny_untrained
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "center"}
+    torch.save(model, tmp_path / "m.pt")
+    _, spec = load_model(tmp_path / "m.pt", trust_pickle=True)
+    transform = create_transform(**resolve_data_config(model=model))
+    folder = tmp_path / "jpegs" / "cls"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    decoded = []
+    for i in range(4):
+        smooth = np.kron(rng.integers(0, 256, size=(28, 28, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+        Image.fromarray(smooth).save(folder / f"{i}.jpg", quality=90)
+        with Image.open(folder / f"{i}.jpg") as img:
+            decoded.append(np.asarray(img.convert("RGB")))
+    expected = np.stack([transform(Image.fromarray(d)).numpy() for d in decoded])
+    np.savez(tmp_path / "same.npz", x=np.stack(decoded))
+    from_folder = np.concatenate([x for x, _ in load_images(tmp_path / "jpegs", spec).batches(8)])
+    from_npz = np.concatenate([x for x, _ in load_images(tmp_path / "same.npz", spec).batches(8)])
+    np.testing.assert_allclose(from_folder, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(from_npz, expected, rtol=0, atol=1e-6)
 
 
 def test_folder_images_of_another_size_are_resized(tmp_path):
