@@ -52,48 +52,8 @@ from typing import Dict, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .quantizer import TensorQuantizer
-
-MATMULS = ("matmul_qk", "matmul_av")
-
-
-class _QuantAttentionMixin:
-    """Quantizers and the shifted-softmax arithmetic shared by every attention twin."""
-
-    def _add_quantizers(self, calib_method: str, calib_kwargs: dict) -> None:
-        for name in ("q_quantizer", "k_quantizer", "v_quantizer"):
-            setattr(self, name, TensorQuantizer(axis=None, calib_method=calib_method, **calib_kwargs))
-        # Softmax outputs lie in [0, 1] and the few large probabilities carry the attention:
-        # a clipping calibrator (entropy, percentile) cuts exactly those, so always use max
-        # (on cifar10_vit, halving the max amax costs 4 points of agreement with FP32).
-        self.softmax_quantizer = TensorQuantizer(axis=None, calib_method="max")
-        #: True: quantize the softmax output shifted by half its range (set by calibration).
-        self.softmax_shift_enabled = False
-        self.register_buffer("softmax_shift", None)
-
-    def _attend_values(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``Q(P)·Q(v)``, or with the softmax shift ``Q(P - z)·Q(d) + (v̄ + z·Σ_tokens Q(d))``, d = v - v̄.
-
-        v is centred whenever the shift is on, calibration included (P·(v - v̄) + v̄ = P·v as
-        rows of P sum to 1), so v's quantizer is calibrated on what it will quantize.
-        """
-        if not self.softmax_shift_enabled:
-            return self.softmax_quantizer(attn) @ self.v_quantizer(v)
-        v_mean = v.mean(dim=-2, keepdim=True)
-        centred = self.v_quantizer(v - v_mean)
-        shift = 0.0 if self.softmax_shift is None else self.softmax_shift   # None: calibrating P's range
-        return self.softmax_quantizer(attn - shift) @ centred + (v_mean + shift * centred.sum(dim=-2, keepdim=True))
-
-    def finish_softmax_shift(self) -> None:
-        """After calibration: z = a/2 and the quantizer's amax a/2, for a calibrated softmax range [0, a]."""
-        if not self.softmax_shift_enabled or self.softmax_quantizer.amax is None:
-            return
-        half = self.softmax_quantizer.amax.detach().clone().reshape(()) / 2
-        self.softmax_quantizer.set_amax(half)
-        # z on the quantization grid (127 steps of a/254): P = 0 maps to an integer code.
-        scale = self.softmax_quantizer.scale
-        self.softmax_shift = (torch.round(half / scale) * scale).to(torch.float32)
-
+from .attention_base import MATMULS, QuantAttentionMixin
+from .mha import ExplicitMultiheadAttention, QuantExplicitMultiheadAttention
 
 def _timm_attention_class() -> Optional[Type[nn.Module]]:
     try:
@@ -117,7 +77,7 @@ _TimmAttention = _timm_attention_class()
 
 if _TimmAttention is not None:
 
-    class QuantTimmAttention(_QuantAttentionMixin, _TimmAttention):
+    class QuantTimmAttention(QuantAttentionMixin, _TimmAttention):
         """timm Attention with fake quantizers on both attention matmuls' inputs."""
 
         def _add_quantizers(self, calib_method: str, calib_kwargs: dict) -> None:
@@ -144,7 +104,7 @@ if _TimmAttention is not None:
             return self.proj_drop(self.proj(x))
 
 
-class _QuantVitPytorchAttention(_QuantAttentionMixin):
+class _QuantVitPytorchAttention(QuantAttentionMixin):
     """The vit-pytorch layout's forward with quantizers; mixed into a subclass of the user's class."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,14 +146,12 @@ def _vit_pytorch_twin(cls: Type[nn.Module]) -> Type[nn.Module]:
 
 def attention_twin_for(module: nn.Module) -> Optional[Type[nn.Module]]:
     """The quantized twin class for an attention module, or None."""
-    if isinstance(module, _QuantAttentionMixin):
+    if isinstance(module, QuantAttentionMixin):
         return None
     if _TimmAttention is not None and type(module) is _TimmAttention:
         return QuantTimmAttention
     if _is_vit_pytorch_attention(module):
         return _vit_pytorch_twin(type(module))
-    from .mha import ExplicitMultiheadAttention, QuantExplicitMultiheadAttention
-
     if type(module) is ExplicitMultiheadAttention:
         return QuantExplicitMultiheadAttention
     return None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..log import get_logger
-from .attention import _QuantAttentionMixin
+from .attention_base import QuantAttentionMixin
 
 log = get_logger(__name__)
 
@@ -74,7 +74,7 @@ class ExplicitMultiheadAttention(nn.Module):
         return attn @ v
 
 
-class QuantExplicitMultiheadAttention(_QuantAttentionMixin, ExplicitMultiheadAttention):
+class QuantExplicitMultiheadAttention(QuantAttentionMixin, ExplicitMultiheadAttention):
     """Quantizers on q (already scaled, as the MatMul sees it), k, the softmax output and v."""
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
