@@ -49,6 +49,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph import drop_unused_initializers
+
 __all__ = ["place_for_onnxruntime", "PlacementStats", "placement_stats", "set_metadata"]
 
 _UINT8_ZERO_POINT = 128
@@ -222,16 +224,7 @@ def _activations_to_uint8(graph: onnx.GraphProto, stats: PlacementStats) -> None
         for dq in g.consumers.get(node.output[0], []):
             dq.input[2] = new_zp
         stats.activations_to_uint8 += 1
-    _drop_unused_initializers(graph, replaced)
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto, candidates) -> None:
-    """Remove the initializers in ``candidates`` that no node reads any more."""
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name not in candidates or i.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    drop_unused_initializers(graph, replaced)
 
 
 def _producer_map(graph: onnx.GraphProto) -> Dict[str, onnx.NodeProto]:

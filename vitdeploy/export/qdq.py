@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
+from .graph import drop_unused_initializers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,7 +350,7 @@ class _Editor:
 
     def finish(self) -> onnx.ModelProto:
         _rebuild_node_list(self.graph, self.before, self.after)
-        _drop_unused_initializers(self.graph, self.replaced)
+        drop_unused_initializers(self.graph, self.replaced)
         return self.model
 
 
@@ -399,10 +400,3 @@ def _rebuild_node_list(graph, new_nodes: Dict[int, List[onnx.NodeProto]],
         nodes.extend((after or {}).get(i, []))
     del graph.node[:]
     graph.node.extend(nodes)
-
-
-def _drop_unused_initializers(graph, candidates) -> None:
-    used = {name for node in graph.node for name in node.input}
-    keep = [i for i in graph.initializer if i.name not in candidates or i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
