@@ -16,6 +16,7 @@ an independent score. At 512 images one image is 0.2 points.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
@@ -43,6 +44,7 @@ def meet_max_drop(model, layers: List, precision: Dict[str, str], images, max_dr
     """``precision`` with the fewest layers moved to FP16 (in order of ``sensitivity``, highest first) for a
     top-1 drop ≤ ``max_drop`` on ``images``. ``quantize(precision)`` returns the calibrated fake-quant model and
     the FP32 model it was made from. Returns the new precision and the record for plan.json."""
+    started = time.perf_counter()
     if images.labels is None:
         raise InputError("--max-drop measures top-1 on the calibration images and needs their labels "
                          "(class sub-folders, or an .npz with y)")
@@ -75,5 +77,5 @@ def meet_max_drop(model, layers: List, precision: Dict[str, str], images, max_dr
     record = {"max_drop": max_drop, "met": met, "images": int(len(images)),
               "measured_on": "the labelled calibration images (the build's calibration set)",
               "fp32_top1": fp32, "int8_top1": history[-1]["top1"], "drop": float(np.round(drop, 4)),
-              "fp16_for_max_drop": moved, "history": history}
+              "fp16_for_max_drop": moved, "history": history, "seconds": round(time.perf_counter() - started, 1)}
     return precision, record

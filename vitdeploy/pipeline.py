@@ -127,8 +127,10 @@ def build(cfg: BuildConfig) -> dict:
             from .measured_plan import measured_plan
 
             with stage("analyse"):
+                started_analysis = time.perf_counter()
                 plan = measured_plan(model, layers, plan, calib.subset(range(min(cfg.sensitivity_images, len(calib)))),
                                      cfg.calib_method, cfg.int8_budget, cfg.batch_size)
+                plan.meta["seconds"] = round(time.perf_counter() - started_analysis, 1)
     with stage("load"):
         precision = plan.resolve(layer.name for layer in layers)
     if not target.int8:  # TX2: no INT8 on sm_62, everything runs in FP16
@@ -178,6 +180,7 @@ def build(cfg: BuildConfig) -> dict:
             "files": {},
             "plan": {"source": str(cfg.plan) if cfg.plan else plan.meta.get("source"),
                      "fp16_measured": plan.meta.get("fp16_measured", []),
+                     "measurement_seconds": plan.meta.get("seconds"),
                      "max_drop": max_drop,
                      "int8_linear_mac_share": int8_mac_share(layers, precision),
                      "int8_mac_share": int8_mac_share(layers, precision, kinds=("linear", "conv", "matmul"))},
