@@ -58,6 +58,23 @@ def test_jetson_orin_bundle(cifar_module, tmp_path, capsys):
     assert "--layerPrecisions" in (bundle / "trtexec.txt").read_text()   # Orin pins LayerNorm to FP32
 
 
+def test_default_onnx_matches_golden(cifar_module, tmp_path):
+    """The default build's ONNX files, cpu and jetson-orin, keep their node types, node count and
+    predictions (golden_onnx.py; issue 16: the export's refactor must leave them alone)."""
+    from vitdeploy.data import load_images
+    from vitdeploy.load import load_model
+
+    from .golden_onnx import check, summarize
+
+    _, spec = load_model(cifar_module, trust_pickle=True, mean=(0.5,), std=(0.5,))
+    test = load_images(shared_path("cifar10", "test_exact846.npz"), spec)
+    images = np.concatenate([x for x, _ in test.batches(256)])
+    for target in ("cpu", "jetson-orin"):
+        assert _build(cifar_module, tmp_path / target, target, ["--quiet"]) == 0
+        for name in ("model.fp32.onnx", "model.int8.onnx"):
+            check(f"{target}/{name}", summarize(tmp_path / target / name, images))
+
+
 def test_jetson_tx2_gets_fp16_bundle_and_a_warning(cifar_module, tmp_path, capsys):
     assert _build(cifar_module, tmp_path / "tx2", "jetson-tx2") == 0
     err = capsys.readouterr().err
