@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..log import get_logger
+from .latency import latency_stats
 
 log = get_logger(__name__)
 
@@ -242,11 +243,6 @@ def preprocessing_for(artifacts: Sequence[Artifact]) -> Dict[Path, dict]:
 
 
 # --------------------------------------------------------------------------------------------- rows
-
-def latency_stats(times_ms: Sequence[float]) -> Dict[str, float]:
-    t = np.asarray(times_ms, dtype=np.float64)
-    return {"median": float(np.median(t)), "p90": float(np.percentile(t, 90)), "p99": float(np.percentile(t, 99))}
-
 
 def assemble_rows(measurements: Iterable[Measurement]) -> List[dict]:
     """One JSON-ready row per measurement, with speed-up and size ratio against the FP32 row of the
