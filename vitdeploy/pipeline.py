@@ -122,7 +122,7 @@ def build(cfg: BuildConfig) -> dict:
             if cfg.eval_data else None
         layers = find_layers(model, spec)
     if plan is None:
-        plan = role_defaults(layers, include_attention=not target.is_tensorrt)
+        plan = role_defaults(layers, include_attention=False)
         if cfg.sensitivity_images > 0 and target.int8:
             from .measured_plan import measured_plan
 

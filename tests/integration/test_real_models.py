@@ -51,7 +51,8 @@ def test_cifar10_build_folder_is_complete(cifar_build):
     # patch-embed conv, 6 × (qkv, q·kᵀ, softmax·v, attn-out, fc1, fc2), head.
     assert roles == ["patch_embed"] + ["qkv", "attn_qk", "attn_av", "attn_out", "mlp_fc1", "mlp_fc2"] * 6 + ["head"]
     precision = {layer["role"]: layer["precision"] for layer in record["layers"]}
-    assert precision == {"patch_embed": "fp16", "head": "fp16", "qkv": "int8", "attn_qk": "int8", "attn_av": "int8",
+    # Attention matmuls float by default (plan.py: on cifar10_vit's cpu build 99.12 -> 99.27 % agreement).
+    assert precision == {"patch_embed": "fp16", "head": "fp16", "qkv": "int8", "attn_qk": "fp16", "attn_av": "fp16",
                          "attn_out": "int8", "mlp_fc1": "int8", "mlp_fc2": "int8"}
     assert record["plan"]["int8_linear_mac_share"] > 80.0
     assert record["files"]["model.int8.onnx"] < 0.4 * record["files"]["model.fp32.onnx"]
@@ -109,7 +110,7 @@ def test_cifar10_cpu_file_is_exact_on_every_cpu_and_checked_here(cifar_build):
     assert record["cpu"]["exact_on"] == list(FAMILIES)
     assert record["cpu"]["host_isa"] == host_isa() and record["cpu"]["verified_on"] == [host_isa()]
     host = record["verification"]["int8_host"]
-    assert host["kernels"]["exact"] and host["kernels"]["layers"] == 36   # 6 blocks x (4 Linear + 2 matmuls)
+    assert host["kernels"]["exact"] and host["kernels"]["layers"] == 24   # 6 blocks x 4 Linear (attention float)
     assert host["kernels"]["max_rel_error"] <= 1e-5
     assert host["agreement_checked"] >= 99.0 and host["cosine"] >= 0.999
 
@@ -159,13 +160,14 @@ def test_mnist_plain_pytorch_vit(tmp_path):
     assert acc["fp32_top1"] > 95.0
     assert abs(acc["int8_top1"] - acc["fp32_top1"]) <= 0.1   # issue 3's bar (issue 2's was 1.0)
     # Issue 3's bar was 99.85 % with 8-bit weights (measured 99.86 %); the cpu file's 7-bit weights,
-    # exact on every CPU, measured 99.84 % (one image more). Both fused and with Q/DQ in float.
+    # exact on every CPU, measured 99.84 % with INT8 attention, 99.92 % with the float attention of
+    # today's default. Both fused and with Q/DQ in float.
     assert acc["agreement"] >= 99.8 and acc["agreement_float_qdq"] >= 99.8
     assert set(record["cpu"]["exact_on"]) >= {"x86-avx2", "x86-avx512", "x86-vnni", "arm64"}
     roles = [layer["role"] for layer in record["layers"]]
     assert roles == ["patch_embed"] + ["qkv", "attn_qk", "attn_av", "attn_out", "mlp_fc1", "mlp_fc2"] * 6 + ["head"]
     matmuls = [layer for layer in record["layers"] if layer["kind"] == "matmul"]   # the vit-pytorch twin
-    assert len(matmuls) == 12 and all(layer["precision"] == "int8" for layer in matmuls)
+    assert len(matmuls) == 12 and all(layer["precision"] == "fp16" for layer in matmuls)   # found; float by default
 
 
 @pytest.mark.parametrize("damaged", ["blocks.2.mlp.fc2", "blocks.1.attn.qkv"])

@@ -46,7 +46,7 @@ def test_dominant_layer_stays_fp16_and_plan_says_why(massive_vit, calib_npz, tmp
     assert reason.startswith("fp16: dominates the INT8 loss") and "massive activations" in reason
     assert plan["layers"]["blocks.0.mlp.fc2"] == "int8"
     assert plan["meta"]["reasons"]["blocks.0.mlp.fc2"].startswith("int8: alone in INT8: KL")
-    assert plan["layers"]["head"] == "fp16" and plan["meta"]["reasons"]["head"] == "fp16: role defaults"
+    assert plan["layers"]["head"] == "fp16" and plan["meta"]["reasons"]["head"].startswith("fp16: role defaults")
     assert record["plan"]["int8_linear_mac_share"] >= 60
 
 
@@ -60,7 +60,7 @@ def test_mac_budget_keeps_a_dominant_layer_int8(massive_vit, calib_npz, tmp_path
 def test_no_measurement_and_user_plans_are_taken_as_they_are(massive_vit, calib_npz, tmp_path):
     record, plan = _build(massive_vit, calib_npz, tmp_path / "roles", int8_budget=60, sensitivity_images=0)
     assert plan["layers"][MASSIVE] == "int8" and "reasons" not in plan["meta"]
-    assert record["plan"]["source"] == "role defaults"
+    assert record["plan"]["source"].startswith("role defaults")
     (tmp_path / "mine.json").write_text(json.dumps({"layers": {"head": "int8"}}))
     record, plan = _build(massive_vit, calib_npz, tmp_path / "user", int8_budget=60, plan=tmp_path / "mine.json")
     assert plan["layers"][MASSIVE] == "int8" and plan["layers"]["head"] == "int8"
@@ -71,7 +71,7 @@ def test_negligible_loss_moves_nothing(tiny_vit, calib_npz, tmp_path):
     """The random tiny ViT's layers all cost KL < 1e-3: nothing dominates, whatever the shares."""
     record, plan = _build(tiny_vit.state_dict, calib_npz, tmp_path / "out", int8_budget=0)
     assert record["plan"]["fp16_measured"] == []
-    assert {p for n, p in plan["layers"].items() if n not in ("patch_embed.proj", "head")} == {"int8"}
+    assert {p for n, p in plan["layers"].items() if n not in ("patch_embed.proj", "head") and "matmul" not in n} == {"int8"}
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def quantize_with_techniques(model: nn.Module, precision: Dict[str, str], target
     corrected = [n for n, m in qmodel.named_modules() if getattr(m, "bias_corrected", False)]
     record = {
         "shift": {"enabled": techniques.shift, "default": default_shift(target),
-                  "softmax": bool(techniques.shift and techniques.softmax_shift),
+                  "softmax": any(n.endswith("matmul_av") and m in ("shift-tensor", "uint8") for n, m in modes.items()),
                   "layers": [n for n, m in modes.items() if "shift" in m]},
         "rescale": {"enabled": techniques.rescale, "default": DEFAULT_RESCALE, "alpha": techniques.alpha,
                     "groups": rescale_record["groups"], "skipped": rescale_record["skipped"]},
