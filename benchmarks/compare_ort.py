@@ -60,8 +60,8 @@ def _ort_quantize(fp32_path, calib_npy, out_path, method, op_types, queue):
     images = np.load(calib_npy)
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": images[i:i + 1]} for i in range(len(images))])
+        def __init__(self, array=images):
+            self.batches = iter([{"input": array[i:i + 1]} for i in range(len(array))])
 
         def get_next(self):
             return next(self.batches, None)
@@ -86,16 +86,7 @@ def _ort_quantize(fp32_path, calib_npy, out_path, method, op_types, queue):
             calibrator = create_calibrator(Path(fp32_path), op_types, augmented_model_path=f"{tmp}/augmented.onnx",
                                            calibrate_method=calibration, extra_options=options)
             for first in range(0, len(images), 32):
-                chunk = images[first:first + 32]
-
-                class Chunk(CalibrationDataReader):
-                    def __init__(self):
-                        self.batches = iter([{"input": chunk[i:i + 1]} for i in range(len(chunk))])
-
-                    def get_next(self):
-                        return next(self.batches, None)
-
-                calibrator.collect_data(Chunk())
+                calibrator.collect_data(Reader(images[first:first + 32]))
             save_tensors_data(calibrator.compute_data(), f"{tmp}/ranges.json")
             quantize_static(str(fp32_path), str(out_path), None, calibrate_method=calibration,
                             calibration_cache_path=f"{tmp}/ranges.json", **common)

@@ -6,8 +6,9 @@ model (the plan, the techniques, the calibration of the build) is scored against
 labelled calibration images, and while the top-1 drop is above ``P`` the next layer in order of
 measured sensitivity (KL alone in INT8) becomes FP16 -- as long as ``--int8-budget`` of the
 Linear/Conv MACs stay INT8. A layer is moved by putting its FP32 module back (exact, with the
-shift and bias folds of the quantized one gone), so the search calibrates once; the build then
-calibrates again with the final plan, so that ``--plan plan.json`` reproduces it.
+shift and bias folds of the quantized one gone), so the search calibrates once. When a layer
+moved, the build calibrates again with the final plan, so that ``--plan plan.json`` reproduces it;
+when none did, the search's calibration is the build's.
 
 The drop is measured on the calibration images (their labels: class folders or an .npz ``y``),
 the only labelled images a build is sure to have; plan.json says so, and ``--eval-data`` stays
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -40,16 +41,19 @@ def top1(model, images, batch_size: int = 64) -> float:
 
 
 def meet_max_drop(model, layers: List, precision: Dict[str, str], images, max_drop: float, int8_budget: float,
-                  sensitivity: Dict[str, float], quantize: Callable, batch_size: int = 64) -> Tuple[Dict[str, str], dict]:
+                  sensitivity: Dict[str, float], quantize: Callable,
+                  batch_size: int = 64) -> Tuple[Dict[str, str], dict, Optional[tuple]]:
     """``precision`` with the fewest layers moved to FP16 (in order of ``sensitivity``, highest first) for a
-    top-1 drop ≤ ``max_drop`` on ``images``. ``quantize(precision)`` returns the calibrated fake-quant model and
-    the FP32 model it was made from. Returns the new precision and the record for plan.json."""
+    top-1 drop ≤ ``max_drop`` on ``images``. ``quantize(precision)`` returns a tuple whose first two items are
+    the calibrated fake-quant model and the FP32 model it was made from. Returns the new precision, the
+    record for plan.json, and ``quantize``'s result when no layer moved (still valid for the build), else None."""
     started = time.perf_counter()
     if images.labels is None:
         raise InputError("--max-drop measures top-1 on the calibration images and needs their labels "
                          "(class sub-folders, or an .npz with y)")
     fp32 = top1(model, images, batch_size)
-    qmodel, prepared = quantize(precision)
+    quantized = quantize(precision)
+    qmodel, prepared = quantized[:2]
     modules = {layer.name for layer in layers if layer.kind in ("linear", "conv")}
     order = [name for name in sorted(sensitivity, key=lambda n: -sensitivity[n])
              if name in modules and precision.get(name) in ("int8", "int8-asym")]
@@ -78,4 +82,4 @@ def meet_max_drop(model, layers: List, precision: Dict[str, str], images, max_dr
               "measured_on": "the labelled calibration images (the build's calibration set)",
               "fp32_top1": fp32, "int8_top1": history[-1]["top1"], "drop": float(np.round(drop, 4)),
               "fp16_for_max_drop": moved, "history": history, "seconds": round(time.perf_counter() - started, 1)}
-    return precision, record
+    return precision, record, (None if moved else quantized)

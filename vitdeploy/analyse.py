@@ -107,6 +107,16 @@ def _measured(model, layers, inputs, reference, calib_method, batch_size):
     return kl, agree
 
 
+def measure_images(model, layers, images, calib_method="max", batch_size=64):
+    """`measure_layers` on an ImageSet, FP32 reference included (the build's measured plan and --max-drop)."""
+    import torch
+
+    inputs = torch.from_numpy(np.concatenate([x for x, _ in images.batches(256)]))
+    with torch.no_grad():
+        reference = torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return measure_layers(model, layers, inputs, reference, calib_method, batch_size)
+
+
 def measure_layers(model, layers, inputs, reference, calib_method="max", batch_size=64):
     """KL(FP32 ‖ one layer INT8), top-1 agreement and the input amax (per-tensor quantizers) of each layer."""
     import torch
@@ -201,16 +211,11 @@ def search_max_drop(model, layers: List[LayerInfo], report: SensitivityReport, d
     from .plan import PrecisionPlan, int8_mac_share
     from .quantize.apply import calibrate, quantize_model
 
-    x = torch.from_numpy(np.concatenate([b for b, _ in data.batches(256)]))
-    y = torch.from_numpy(data.labels)
+    from .accuracy_budget import top1
+
     calib = torch.from_numpy(np.concatenate([b for b, _ in calib_images.batches(256)]))
 
-    def top1(m):
-        with torch.no_grad():
-            out = torch.cat([m(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-        return float((out.argmax(1) == y).float().mean() * 100)
-
-    fp32 = top1(model)
+    fp32 = top1(model, data, batch_size)
     qmodel = quantize_model(model, [layer.name for layer in layers], calib_method)
     def forward_loop(m):
         with torch.no_grad():
@@ -223,7 +228,7 @@ def search_max_drop(model, layers: List[LayerInfo], report: SensitivityReport, d
     fp16: List[str] = []
     history = []
     while True:
-        acc = top1(qmodel)
+        acc = top1(qmodel, data, batch_size)
         history.append({"fp16_layers": list(fp16), "top1": acc, "drop": fp32 - acc})
         if fp32 - acc <= max_drop or len(fp16) == len(order):
             break
@@ -235,7 +240,7 @@ def search_max_drop(model, layers: List[LayerInfo], report: SensitivityReport, d
     meta = {"source": f"--max-drop {max_drop}", "fp32_top1": fp32, "int8_top1": history[-1]["top1"],
             "int8_linear_mac_share": int8_mac_share(layers, resolved),
             "int8_mac_share": int8_mac_share(layers, resolved, kinds=("linear", "conv", "matmul")),
-            "search_images": int(len(x))}
+            "search_images": int(len(data))}
     return PrecisionPlan(default="int8", layers=resolved, meta=meta), history
 
 

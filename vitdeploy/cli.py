@@ -67,7 +67,8 @@ def add_technique_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("accuracy techniques (all TensorRT-legal: symmetric Q/DQ, folded into FP32 parameters)")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
                    help="centre each Linear input's channels before its quantizer, W·z folded into the bias "
-                        "(default on; the softmax output too on cpu, and on TensorRT targets only with an explicit --shift)")
+                        "(default on; where a plan makes attention INT8, the softmax output too: on cpu by "
+                        "default, on TensorRT targets only with an explicit --shift)")
     g.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
                    help="SmoothQuant channel factors folded into LayerNorm γ/β and the Linears it feeds "
                         f"(default {on_off(DEFAULT_RESCALE)})")

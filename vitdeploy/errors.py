@@ -33,14 +33,21 @@ class BuildError(VitDeployError):
     """An engine could not be built for the requested target."""
 
 
+def first_line(exc: BaseException, limit: int = 0) -> str:
+    """An exception's message as one line (its first), cut at ``limit`` characters if given; the
+    exception's type name when it has no message."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line[:limit] if limit else line
+
+
 class StageFailure(VitDeployError):
     """Something other than the input failed inside a stage (a bug, a full disk, ...)."""
 
     exit_code = 1
 
     def __init__(self, stage_name: str, exc: BaseException):
-        text = str(exc).strip().splitlines()
-        first = text[0] if text else ""
+        first = first_line(exc) if str(exc).strip() else ""
         super().__init__(f"{type(exc).__name__}{': ' + first if first else ''} (--debug shows the traceback)")
         self.stage = stage_name
 

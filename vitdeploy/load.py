@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .artifacts import ModelSpec
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, UnsupportedModelError, first_line
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -119,17 +119,17 @@ def _torch_load(path: Path, trust_pickle: bool):
                 "so vitdeploy refuses it unless you pass --trust-pickle (or save model.state_dict() and "
                 "pass --arch)") from exc
     except Exception as exc:  # truncated zip, random bytes, ...
-        raise InputError(f"cannot read {path} as a PyTorch checkpoint: {_first_line(exc)}") from exc
+        raise InputError(f"cannot read {path} as a PyTorch checkpoint: {first_line(exc)}") from exc
     # Trusted full unpickling. Classes defined next to the checkpoint (a model.py) become importable.
     with _sys_path(path.parent):
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except (ModuleNotFoundError, AttributeError) as exc:
             raise UnsupportedModelError(
-                f"cannot unpickle {path}: {_first_line(exc)} (the module defining the model class "
+                f"cannot unpickle {path}: {first_line(exc)} (the module defining the model class "
                 "must be importable: add its folder to PYTHONPATH)") from exc
         except Exception as exc:  # the unpickled code itself failed
-            raise UnsupportedModelError(f"cannot unpickle {path}: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise UnsupportedModelError(f"cannot unpickle {path}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _find_state_dict(obj: Any, path: Path) -> Dict[str, Any]:
@@ -192,7 +192,7 @@ def _construct(factory, kwargs, arch):
         return factory(**kwargs)
     except Exception as exc:  # the user's constructor can raise anything
         raise UnsupportedModelError(f"cannot build '{arch}' with --model-kwargs {json.dumps(kwargs)}: "
-                                    f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                                    f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _import_factory(spec: str):
@@ -213,7 +213,7 @@ def _import_factory(spec: str):
             raise UnsupportedModelError(f"--arch {spec}: syntax error in {file}, line {exc.lineno}: {exc.msg}") from exc
         except Exception as exc:  # a missing import, or the file's own code failing
             raise UnsupportedModelError(f"--arch {spec}: importing {file} failed: {type(exc).__name__}: "
-                                        f"{_first_line(exc)}") from exc
+                                        f"{first_line(exc)}") from exc
     if not hasattr(module, attr):
         raise UnsupportedModelError(f"--arch {spec}: '{target}' has no attribute '{attr}'")
     return getattr(module, attr)
@@ -278,7 +278,7 @@ def infer_spec(model, path: Path, arch: Optional[str], input_size=None, mean=Non
             out = model(torch.zeros(1, *size))
     except Exception as exc:
         raise UnsupportedModelError(f"the model does not run on a 1x{'x'.join(map(str, size))} input: "
-                                    f"{_first_line(exc)} (check --input-size)") from exc
+                                    f"{first_line(exc)} (check --input-size)") from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise UnsupportedModelError("the model must return one tensor of logits, shape [batch, classes]; "
                                     f"got {type(out).__name__} {getattr(out, 'shape', '')}")
@@ -336,7 +336,3 @@ def _sys_path(folder: Path):
         with contextlib.suppress(ValueError):
             sys.path.remove(str(folder))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -41,18 +41,13 @@ DEFAULT_SENSITIVITY_IMAGES = 64
 def measured_plan(model, layers: List, base: PrecisionPlan, images, calib_method: str, int8_budget: float,
                   batch_size: int = 64) -> PrecisionPlan:
     """``base`` with the dominant layers moved to FP16 (within the MAC budget); meta says why for each."""
-    import torch
-
-    from .analyse import measure_layers
+    from .analyse import measure_images
 
     precision = base.resolve(layer.name for layer in layers)
     measured = [layer for layer in layers if precision[layer.name] in QUANTIZED]
     if not measured:
         return base
-    inputs = torch.from_numpy(np.concatenate([x for x, _ in images.batches(256)]))
-    with torch.no_grad():
-        reference = torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
-    kl, agree, amax = measure_layers(model, measured, inputs, reference, calib_method, batch_size)
+    kl, agree, amax = measure_images(model, measured, images, calib_method, batch_size)
     total = sum(kl.values())
     median = float(np.median(list(kl.values())))
     others_amax = _others_median_amax(measured, amax)
@@ -80,9 +75,9 @@ def measured_plan(model, layers: List, base: PrecisionPlan, images, calib_method
     if kept:
         log.info("measured plan: %s kept in FP16 (each dominates the INT8 loss); %.1f %% of Linear/Conv MACs INT8",
                  ", ".join(kept), int8_mac_share(layers, precision))
-    meta = {"source": f"measured ({len(inputs)} calibration images, each layer alone in INT8; "
+    meta = {"source": f"measured ({len(images)} calibration images, each layer alone in INT8; "
                       f"{base.meta.get('source', 'base plan')} otherwise)",
-            "int8_budget": int8_budget, "sensitivity_images": int(len(inputs)), "fp16_measured": sorted(kept),
+            "int8_budget": int8_budget, "sensitivity_images": int(len(images)), "fp16_measured": sorted(kept),
             "reasons": reasons, "kl_alone": {name: float(f"{value:.4g}") for name, value in kl.items()}}
     return PrecisionPlan(default=base.default, layers=precision, meta=meta)
 

@@ -135,16 +135,17 @@ def build(cfg: BuildConfig) -> dict:
         precision = plan.resolve(layer.name for layer in layers)
     if not target.int8:  # TX2: no INT8 on sm_62, everything runs in FP16
         precision = {name: "fp16" if p in QUANTIZED else p for name, p in precision.items()}
-    max_drop = None
+    max_drop, calibrated = None, None
     if cfg.max_drop is not None and target.int8 and any(p in QUANTIZED for p in precision.values()):
-        precision, max_drop = _meet_max_drop(model, layers, precision, plan, calib, target, cfg)
+        precision, max_drop, calibrated = _meet_max_drop(model, layers, precision, plan, calib, target, cfg)
     quantized = [n for n, p in precision.items() if p in QUANTIZED]
     with stage("calibrate"):
         log.info("model %s: input %s, %d classes; calibrating on %d of %d images from %s",
                  spec.name, "x".join(map(str, spec.input_size)), spec.num_classes, len(calib), len(calib_all),
                  cfg.calib)
-        qmodel, prepared, techniques, calib_seconds = _quantize(model, precision, target, calib, cfg) \
-            if quantized else (None, model, None, 0.0)
+        if calibrated is None:
+            calibrated = _quantize(model, precision, target, calib, cfg) if quantized else (None, model, None, 0.0)
+        qmodel, prepared, techniques, calib_seconds = calibrated
 
     out_dir = output.final
     with stage("write"), output.write() as tmp:
@@ -348,25 +349,22 @@ def _engine_or_bundle(out_dir: Path, target, spec: ModelSpec, cfg: BuildConfig) 
 
 
 def _meet_max_drop(model, layers, precision: dict, plan, calib, target, cfg: BuildConfig):
-    """--max-drop: (precision, record) from accuracy_budget.py, ordered by the measured plan's per-layer KL
-    (measured here when the plan came from --plan)."""
-    import torch
-
+    """--max-drop: accuracy_budget.py's (precision, record, calibrated model or None), in order of the
+    measured plan's per-layer KL (measured here when the plan came from --plan or without measurement)."""
     from .accuracy_budget import meet_max_drop
+    from .measured_plan import DEFAULT_SENSITIVITY_IMAGES
+    from .plan import QUANTIZED
 
     with stage("analyse"):
         sensitivity = plan.meta.get("kl_alone")
         if not sensitivity:
-            from .analyse import measure_layers
+            from .analyse import measure_images
 
-            subset = calib.subset(range(min(max(cfg.sensitivity_images, 16), len(calib))))
-            inputs = torch.from_numpy(np.concatenate([x for x, _ in subset.batches(256)]))
-            with torch.no_grad():
-                reference = torch.cat([model(inputs[i:i + cfg.batch_size]) for i in range(0, len(inputs), cfg.batch_size)])
-            measured = [layer for layer in layers if precision[layer.name] in ("int8", "int8-asym")]
-            sensitivity = measure_layers(model, measured, inputs, reference, cfg.calib_method, cfg.batch_size)[0]
+            subset = calib.subset(range(min(cfg.sensitivity_images or DEFAULT_SENSITIVITY_IMAGES, len(calib))))
+            measured = [layer for layer in layers if precision[layer.name] in QUANTIZED]
+            sensitivity = measure_images(model, measured, subset, cfg.calib_method, cfg.batch_size)[0]
         return meet_max_drop(model, layers, precision, calib, cfg.max_drop, cfg.int8_budget, sensitivity,
-                             lambda p: _quantize(model, p, target, calib, cfg)[:2], cfg.batch_size)
+                             lambda p: _quantize(model, p, target, calib, cfg), cfg.batch_size)
 
 
 def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
@@ -376,9 +374,9 @@ def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
 
     from .quantize.techniques import Techniques, quantize_with_techniques
 
-    from .quantize.technique_defaults import default_shift, default_softmax_shift
+    from .quantize.technique_defaults import DEFAULT_SHIFT_BUILD, default_softmax_shift
 
-    shift = default_shift(target) if cfg.shift is None else cfg.shift
+    shift = DEFAULT_SHIFT_BUILD if cfg.shift is None else cfg.shift
     # An explicit --shift shifts the softmax too; the default one does so only where it is free (cpu).
     softmax_shift = default_softmax_shift(target) if cfg.shift is None else cfg.shift
     chosen = {k: v for k, v in (("shift", shift), ("softmax_shift", softmax_shift), ("rescale", cfg.rescale),

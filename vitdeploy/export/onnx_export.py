@@ -15,7 +15,7 @@ from typing import Optional
 import onnx
 
 from ..artifacts import ModelSpec
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..log import get_logger
 
 log = get_logger(__name__)
@@ -71,7 +71,7 @@ def batch_problem(proto: onnx.ModelProto, model, spec: ModelSpec, batches=(1, 3)
     try:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        return f"ONNX Runtime cannot load it: {_first_line(exc)}"
+        return f"ONNX Runtime cannot load it: {first_line(exc, 160)}"
     generator = torch.Generator().manual_seed(0)
     for batch in batches:
         x = torch.randn(batch, *spec.input_size, generator=generator)
@@ -80,7 +80,7 @@ def batch_problem(proto: onnx.ModelProto, model, spec: ModelSpec, batches=(1, 3)
         try:
             (got,) = session.run([spec.output_name], {spec.input_name: x.numpy()})
         except Exception as exc:
-            return f"at batch {batch} ONNX Runtime fails: {_first_line(exc)}"
+            return f"at batch {batch} ONNX Runtime fails: {first_line(exc, 160)}"
         if got.shape != expected.shape:
             return f"at batch {batch} the output is {list(got.shape)}, not {list(expected.shape)}"
         error = float(np.abs(got - expected).max())
@@ -103,7 +103,7 @@ def _export_torchscript(model, spec: ModelSpec, opset: int, batch: int, dynamic:
                 input_names=[spec.input_name], output_names=[spec.output_name], dynamic_axes=axes,
             )
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
+        raise ExportError(f"torch.onnx.export failed: {first_line(exc, 160)}") from exc
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -122,7 +122,7 @@ def _export_strict(model, spec: ModelSpec, opset: int) -> onnx.ModelProto:
             buffer = io.BytesIO()
             onnx.save(onnx_program.model_proto, buffer)
     except Exception as exc:
-        raise ExportError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ExportError(f"{type(exc).__name__}: {first_line(exc, 160)}") from exc
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -137,11 +137,6 @@ def _quiet_logging():
         yield
     finally:
         logging.disable(logging.NOTSET)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__
 
 
 def save_model(proto: onnx.ModelProto, path: Path) -> None:

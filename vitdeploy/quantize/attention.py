@@ -55,6 +55,7 @@ from torch import nn
 from .attention_base import MATMULS, QuantAttentionMixin
 from .mha import ExplicitMultiheadAttention, QuantExplicitMultiheadAttention
 
+
 def _timm_attention_class() -> Optional[Type[nn.Module]]:
     try:
         from timm.layers import Attention

@@ -46,11 +46,6 @@ DEFAULT_RESCALE = False
 DEFAULT_BIAS_CORRECTION = False
 
 
-def default_shift(target) -> bool:
-    """The shift technique's default in a build: on for every INT8 target (see above)."""
-    return DEFAULT_SHIFT_BUILD
-
-
 def default_softmax_shift(target) -> bool:
     """Whether the shift, when on by default, also shifts the softmax output: on cpu only (see above)."""
     return getattr(target, "qdq_placement", None) == "onnxruntime"

@@ -40,7 +40,7 @@ from torch import nn
 from .attention import MATMULS
 
 # Defaults, and the measurements behind them: technique_defaults.py.
-from .technique_defaults import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE, DEFAULT_SHIFT, default_shift  # noqa: E402
+from .technique_defaults import DEFAULT_BIAS_CORRECTION, DEFAULT_RESCALE, DEFAULT_SHIFT, DEFAULT_SHIFT_BUILD  # noqa: E402
 # SmoothQuant's α (0.5 in the paper; 1.0 is RepQ-ViT's full equalisation): W4A4, all three, KL ×1e3
 # cifar10_vit / mnist_vit: α = 0.5: 19.5 / 16.6, 0.75: 18.3 / 14.1, 1.0: 17.2 / 15.2 -- 0.75 and 1.0
 # tie on average, and at INT8 0.75 is better (mnist_vit relative logit error 0.0080 vs 0.0099).
@@ -149,7 +149,7 @@ def quantize_with_techniques(model: nn.Module, precision: Dict[str, str], target
     calibrate(qmodel, forward_loop, bias_correction=techniques.bias_correction)
     corrected = [n for n, m in qmodel.named_modules() if getattr(m, "bias_corrected", False)]
     record = {
-        "shift": {"enabled": techniques.shift, "default": default_shift(target),
+        "shift": {"enabled": techniques.shift, "default": DEFAULT_SHIFT_BUILD,
                   "softmax": any(n.endswith("matmul_av") and m in ("shift-tensor", "uint8") for n, m in modes.items()),
                   "layers": [n for n, m in modes.items() if "shift" in m]},
         "rescale": {"enabled": techniques.rescale, "default": DEFAULT_RESCALE, "alpha": techniques.alpha,
