@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every number in the README's results, in one sequential run (about 15-20 minutes on 2 cores).
+# Every number in the README's results, in one sequential run (about 15-20 minutes on 2 cores, plus the
+# recovery ablation at the end).
 # Needs ../shared/data for the real models. Logs go to ${1:-bench-logs}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +20,5 @@ run ablation      "$py" benchmarks/ablation.py
 run cpu_speed     "$py" benchmarks/cpu_speed.py
 run calib_memory  "$py" benchmarks/calib_memory.py --method entropy
 run demo          .venv/bin/vitdeploy demo --out "$out/demo"
+# Accuracy recovery's ablation (docs/recovery.md): about an hour for ViT-Tiny's three settings on 2 cores.
+run recovery      "$py" benchmarks/recovery.py --json "$out/recovery.json"

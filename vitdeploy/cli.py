@@ -76,6 +76,47 @@ def add_technique_args(p: argparse.ArgumentParser) -> None:
                    help=f"b -= (W_q - W)·E[x] on quantized layers (default {on_off(DEFAULT_BIAS_CORRECTION)})")
 
 
+RECOVERY_PARTS = ("progressive", "lowrank", "softmax", "curriculum")
+
+
+def add_recovery_args(p: argparse.ArgumentParser) -> None:
+    from .recover.reconstruct import RecoverySettings
+
+    d = RecoverySettings()
+    g = p.add_argument_group("accuracy recovery (block reconstruction after calibration; folds into INT8 weights "
+                             "and scales, the graph is unchanged)")
+    g.add_argument("--recover", action="store_true",
+                   help="reconstruct each block's FP32 output: learned rounding, activation steps, biases, "
+                        "low-rank compensation, focused softmax interval, curriculum, progressive stages")
+    g.add_argument("--recover-without", default="", metavar="PARTS",
+                   help=f"comma-separated parts to leave out: {', '.join(RECOVERY_PARTS)}")
+    g.add_argument("--recover-iters", type=int, default=d.iters, metavar="N",
+                   help=f"gradient steps per block and stage (default {d.iters})")
+    g.add_argument("--recover-epochs", type=int, default=d.epochs, metavar="N",
+                   help="then fine-tune the whole quantized model N epochs on the labelled calibration images "
+                        f"(cross-entropy, AdamW lr {d.finetune_lr:g}, batch {d.batch}, linear warm-up; default off)")
+    g.add_argument("--device", default=d.device, help="where recovery runs: auto (a CUDA GPU when present), cpu, cuda")
+
+
+def recovery_settings(args):
+    """--recover's RecoverySettings, or None; an unknown part is bad input."""
+    from .errors import InputError
+    from .recover.reconstruct import RecoverySettings
+
+    if not args.recover:
+        if args.recover_without:
+            raise InputError("--recover-without needs --recover")
+        return None
+    parts = [p.strip() for p in args.recover_without.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in RECOVERY_PARTS]
+    if unknown:
+        raise InputError(f"--recover-without: unknown part {unknown[0]!r} (parts: {', '.join(RECOVERY_PARTS)})")
+    if args.recover_iters < 0 or args.recover_epochs < 0:
+        raise InputError("--recover-iters and --recover-epochs must be >= 0")
+    return RecoverySettings(iters=args.recover_iters, epochs=args.recover_epochs, device=args.device, seed=args.seed,
+                            **{part: False for part in parts})
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
@@ -94,7 +135,7 @@ def cmd_build(args) -> int:
         plan=args.plan, workspace_mib=args.workspace, dla_core=args.dla, trt_calibrator=args.trt_calibrator,
         max_batch=args.max_batch, shift=args.shift, rescale=args.rescale, bias_correction=args.bias_correction,
         eval_data=args.eval_data, batch_size=args.batch_size, int8_budget=args.int8_budget,
-        sensitivity_images=args.sensitivity_images, max_drop=args.max_drop,
+        sensitivity_images=args.sensitivity_images, max_drop=args.max_drop, recover=recovery_settings(args),
         verify_min_agreement=args.verify_min_agreement, verify_min_cosine=args.verify_min_cosine)
     record = build(cfg)
     rows = [[name, size / 1e6] for name, size in record["files"].items()]
@@ -288,6 +329,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "deprecated since 10.1, removed in 11: explicit Q/DQ is the default)")
     g.add_argument("--max-batch", type=int, default=8, help="largest batch of the engine's profile (default 8)")
     add_technique_args(p)
+    add_recovery_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_build)
 

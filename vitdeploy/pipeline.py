@@ -50,6 +50,7 @@ class BuildConfig:
     sensitivity_images: int = 64
     int8_budget: float = 90.0
     max_drop: Optional[float] = None    # accuracy budget in top-1 points (accuracy_budget.py)
+    recover: Optional[object] = None    # recover.RecoverySettings: block reconstruction after calibration
     eval_data: Optional[Path] = None
     batch_size: int = 64
     verify_images: int = 256
@@ -146,6 +147,13 @@ def build(cfg: BuildConfig) -> dict:
         if calibrated is None:
             calibrated = _quantize(model, precision, target, calib, cfg) if quantized else (None, model, None, 0.0)
         qmodel, prepared, techniques, calib_seconds = calibrated
+    recovery = None
+    if cfg.recover is not None and qmodel is not None:
+        if getattr(cfg.recover, "epochs", 0) and calib.labels is None:
+            raise InputError("--recover-epochs trains with cross-entropy: the calibration images need labels "
+                             "(class folders, or an .npz with y)")
+        with stage("recover"):
+            recovery, prepared = _recover(model, prepared, qmodel, layers, quantized, calib, eval_images, cfg)
 
     out_dir = output.final
     with stage("write"), output.write() as tmp:
@@ -186,6 +194,7 @@ def build(cfg: BuildConfig) -> dict:
                      "int8_linear_mac_share": int8_mac_share(layers, precision),
                      "int8_mac_share": int8_mac_share(layers, precision, kinds=("linear", "conv", "matmul"))},
             "techniques": techniques,
+            "recovery": recovery,
             "layers": [_layer_record(layer, precision[layer.name], qmodel, cfg) for layer in layers],
             "lint": [str(v) for v in violations],
             "verification": verification,
@@ -392,6 +401,60 @@ def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
     qmodel, prepared, record = quantize_with_techniques(model, precision, target, forward_loop, cfg.calib_method,
                                                         techniques)
     return qmodel, prepared, record, time.perf_counter() - start
+
+
+def _recover(model, prepared, qmodel, layers, quantized, calib, eval_images, cfg: BuildConfig):
+    """--recover: block reconstruction of ``qmodel`` in place; (build.json "recovery", the FP32 model to export).
+
+    The learned weights lie on the INT8 grid but are new FP32 values, so the Q/DQ pass must find them
+    in the FP32 export: the returned model is ``prepared`` with the recovered weights written in.
+    After each stage the model is measured on --eval-data when given, else on the verification
+    images (seen by the recovery: agreement there says the stages work, not how well they generalise).
+    """
+    import copy
+
+    import torch
+
+    from .quantize.apply import quantized_layers
+    from .recover import recover
+
+    probe = eval_images if eval_images is not None else calib.subset(range(min(cfg.verify_images, len(calib))))
+    probe_x = torch.from_numpy(np.concatenate([x for x, _ in probe.batches(cfg.batch_size)]))
+    labels = getattr(probe, "labels", None)
+
+    def logits(m):
+        with torch.no_grad():
+            return torch.cat([m(probe_x[i:i + cfg.batch_size]) for i in range(0, len(probe_x), cfg.batch_size)])
+
+    reference = logits(prepared).argmax(1).numpy()
+
+    def measure(m) -> dict:
+        pred = logits(m).argmax(1).numpy()
+        out = {"images": len(pred), "on": "eval data" if eval_images is not None else "verification images",
+               "agreement": round(100.0 * float((pred == reference).mean()), 2)}
+        if labels is not None and len(labels) == len(pred):
+            out["top1"] = round(100.0 * float((pred == np.asarray(labels)).mean()), 2)
+        return out
+
+    images = torch.from_numpy(np.concatenate([x for x, _ in calib.batches(cfg.batch_size)]))
+    labels = None if calib.labels is None else torch.from_numpy(np.asarray(calib.labels))
+    before = measure(qmodel)
+    result = recover(prepared, qmodel, layers, quantized, images, cfg.recover, after_stage=measure, labels=labels)
+    result["before"] = before
+    # The quantized layers' weights go into the FP32 model the Q/DQ pass starts from (their biases
+    # reach the graph through the pass itself, layer_quant_from_module); with --recover-epochs every
+    # other parameter the two share by name too (norms, embeddings). Biases are left out on purpose:
+    # the exporter shares equal initializers through Identity nodes, so writing learned biases into
+    # the FP32 export would change the node count, which recovery must not do.
+    recovered = copy.deepcopy(prepared)
+    learned = dict(qmodel.named_parameters())
+    layer_weights = {f"{name}.weight" for name in quantized_layers(qmodel)}
+    with torch.no_grad():
+        for name, p in recovered.named_parameters():
+            take = name in layer_weights or (cfg.recover.epochs > 0 and not name.endswith(".bias"))
+            if take and name in learned and learned[name].shape == p.shape:
+                p.copy_(learned[name])
+    return result, recovered
 
 
 def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfig, target) -> dict:

@@ -37,6 +37,13 @@ def _amax(value) -> str:
     return f"{value:.4g}"
 
 
+def _measured(m) -> str:
+    if not m:
+        return ""
+    top1 = f"top-1 {m['top1']:.2f} %, " if "top1" in m else ""
+    return f"{top1}agreement with FP32 {m['agreement']:.2f} % ({m['images']} {m['on']})"
+
+
 def write_build_report(path: Path, record: dict) -> None:
     from .measure.evaluate import NEAR_TIE_TOLERANCE
 
@@ -97,6 +104,15 @@ def write_build_report(path: Path, record: dict) -> None:
         if "agreement_float_qdq" in acc:
             lines += [f"With Q/DQ evaluated in float: top-1 {acc['int8_float_qdq_top1']:.2f} %, agreement "
                       f"{acc['agreement_float_qdq']:.2f} %."]
+    recovery = record.get("recovery")
+    if recovery:
+        switches = [k for k in ("progressive", "lowrank", "softmax", "curriculum") if recovery["settings"][k]]
+        rows = [["calibrated", _measured(recovery["before"])]] + \
+               [[f"after {s['stage']} ({s['seconds']:.0f} s)", _measured(s.get("measured"))] for s in recovery["stages"]]
+        lines += ["", f"## Recovery ({', '.join(switches) or 'reconstruction only'}; {recovery['settings']['iters']} "
+                      f"steps per block and stage on {recovery['images']} images, {recovery['device']}, "
+                      f"{recovery['seconds']:.0f} s)", "",
+                  table(["PyTorch fake-quant model", "measured"], rows)]
     lines += ["", "## Layers", "",
               table(["layer", "role", "precision", "MACs/image", "input amax"],
                     [[l["name"], l["role"], l["precision"], l["macs"], _amax(l.get("input_amax"))] for l in record["layers"]]),

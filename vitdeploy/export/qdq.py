@@ -46,9 +46,11 @@ def layer_quant_from_module(module) -> LayerQuant:
     import torch
 
     quantizer = module.input_quantizer
+    if getattr(quantizer, "per_token", False):
+        raise ExportError("per-token activation scales are a simulation: TensorRT and ONNX QDQ take one per tensor")
     shift = getattr(module, "input_shift", None)
     bias = None
-    if shift is not None or getattr(module, "bias_corrected", False):
+    if shift is not None or getattr(module, "bias_corrected", False) or getattr(module, "bias_learned", False):
         with torch.no_grad():  # the very expression the fake-quant forward adds
             weight_q = module.weight_quantizer(module.weight)
             folded = module.folded_bias(weight_q) if hasattr(module, "folded_bias") else module.bias

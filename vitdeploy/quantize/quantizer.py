@@ -61,6 +61,9 @@ class TensorQuantizer(nn.Module):
         self.unsigned = unsigned
         self.enabled = True
         self.calibrating = False
+        #: Simulation only (the thesis's W8A8 setting): one dynamic scale per token, max |x| over the
+        #: last dimension at run time. TensorRT takes per-tensor activation scales, so nothing exports it.
+        self.per_token = False
         self.register_buffer("amax", None)
         self.register_buffer("range_min", None)   # unsigned mode: the calibrated [min, max]
         self.register_buffer("range_max", None)
@@ -130,6 +133,9 @@ class TensorQuantizer(nn.Module):
         if self.calibrating:
             self._calibrator.collect(x.detach())
             return x
+        if self.enabled and self.per_token:
+            scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / self.qmax
+            return fake_quantize(x, scale, self.num_bits)
         if not self.enabled or self.amax is None:
             return x
         if self.unsigned:
