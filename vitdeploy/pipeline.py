@@ -420,7 +420,7 @@ def _recover(model, prepared, qmodel, layers, quantized, calib, eval_images, cfg
 
     probe = eval_images if eval_images is not None else calib.subset(range(min(cfg.verify_images, len(calib))))
     probe_x = torch.from_numpy(np.concatenate([x for x, _ in probe.batches(cfg.batch_size)]))
-    labels = getattr(probe, "labels", None)
+    probe_labels = probe.labels
 
     def logits(m):
         with torch.no_grad():
@@ -432,14 +432,15 @@ def _recover(model, prepared, qmodel, layers, quantized, calib, eval_images, cfg
         pred = logits(m).argmax(1).numpy()
         out = {"images": len(pred), "on": "eval data" if eval_images is not None else "verification images",
                "agreement": round(100.0 * float((pred == reference).mean()), 2)}
-        if labels is not None and len(labels) == len(pred):
-            out["top1"] = round(100.0 * float((pred == np.asarray(labels)).mean()), 2)
+        if probe_labels is not None:
+            out["top1"] = round(100.0 * float((pred == np.asarray(probe_labels)).mean()), 2)
         return out
 
     images = torch.from_numpy(np.concatenate([x for x, _ in calib.batches(cfg.batch_size)]))
-    labels = None if calib.labels is None else torch.from_numpy(np.asarray(calib.labels))
+    calib_labels = None if calib.labels is None else torch.from_numpy(np.asarray(calib.labels))
     before = measure(qmodel)
-    result = recover(prepared, qmodel, layers, quantized, images, cfg.recover, after_stage=measure, labels=labels)
+    result = recover(prepared, qmodel, layers, quantized, images, cfg.recover, after_stage=measure,
+                     labels=calib_labels)
     result["before"] = before
     # The quantized layers' weights go into the FP32 model the Q/DQ pass starts from (their biases
     # reach the graph through the pass itself, layer_quant_from_module); with --recover-epochs every

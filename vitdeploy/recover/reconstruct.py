@@ -26,7 +26,6 @@ from torch import nn
 
 from ..log import get_logger, progress
 from ..quantize.apply import quantized_attentions, quantized_layers
-from ..quantize.quantizer import TensorQuantizer
 from .learnable import LearnedStep, LearnedWeight, learnable_activation
 from .softmax_focus import focus_softmax
 from .units import find_units, mark_chains, record, record_reference
