@@ -85,6 +85,12 @@ def mcnemar(fixed: int, broken: int) -> float:
     return min(1.0, 2 * tail / 2 ** n)
 
 
+def versus_plain(plain_flipped, flipped) -> str:
+    """Images a variant fixes and breaks against plain (both: flipped vs FP32), with McNemar's exact p."""
+    fixed, broken = int((plain_flipped & ~flipped).sum()), int((flipped & ~plain_flipped).sum())
+    return f"{fixed} / {broken} (p = {mcnemar(fixed, broken):.2g})"
+
+
 def logits(model, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
@@ -129,8 +135,7 @@ def run_model(name: str, args, work: Path) -> list:
             if plain_flipped is None:
                 plain_flipped, versus = flipped, ""
             else:
-                fixed, broken = int((plain_flipped & ~flipped).sum()), int((flipped & ~plain_flipped).sum())
-                versus = f"{fixed} / {broken} (p = {mcnemar(fixed, broken):.2g})"
+                versus = versus_plain(plain_flipped, flipped)
             rows.append([name, setting, variant, round(top1, 2), round(agree, 2), round(kl * 1e3, 3), flips, versus])
             print(f"  {name} {setting} {variant}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL {kl:.2e} "
                   f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ablation import load as load_small, logits, mcnemar  # noqa: E402
+from ablation import load as load_small, logits, versus_plain  # noqa: E402
 from tests.integration.shared_data import SHARED  # noqa: E402
 from vitdeploy.inventory import find_layers  # noqa: E402
 from vitdeploy.plan import QUANTIZED, PrecisionPlan  # noqa: E402
@@ -127,8 +127,7 @@ def run_model(name: str, args, work: Path) -> list:
             if plain_flipped is None:
                 plain_flipped, versus = flipped, ""
             else:
-                fixed, broken = int((plain_flipped & ~flipped).sum()), int((flipped & ~plain_flipped).sum())
-                versus = f"{fixed} / {broken} (p = {mcnemar(fixed, broken):.2g})"
+                versus = versus_plain(plain_flipped, flipped)
             rows.append([name, setting, variant, round(top1, 2), round(agree, 2), round(kl * 1e3, 2),
                          round(seconds), versus])
             print(f"  {name} {setting} {variant}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL {kl:.3e}, "

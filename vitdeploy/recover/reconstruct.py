@@ -135,9 +135,8 @@ class _Learnables:
                     step.original.set_amax(step.scale.detach().cpu() * step.qmax)
                     step.original.enabled = True
                     setattr(module, attr, step.original)
-            for q in (getattr(module, "softmax_quantizer", None),):
-                if q is not None:
-                    q.enabled = True
+            if getattr(module, "softmax_quantizer", None) is not None:
+                module.softmax_quantizer.enabled = True
             # A shifted input's z stays where it was (on the grid of the calibrated step, not of the
             # learned one): moving it onto the new grid moves every value of a near-constant channel
             # by the same fraction of a step, an error the learning never saw (ViT-Tiny: KL to FP32
