@@ -13,17 +13,13 @@
 ARG TRT_IMAGE=nvcr.io/nvidia/tensorrt:24.10-py3
 FROM ${TRT_IMAGE}
 
-# cuda-python for the engine builder's calibration and for TrtRunner / benchmark.py; its major
-# version must match the container's CUDA (12 here).
-ARG CUDA_PYTHON="cuda-python>=12,<13"
-
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
 WORKDIR /workspace/vitdeploy
 
 # The same install as the README: an editable install with the dev extra (PyPI torch, timm,
-# onnx, onnxruntime, pytest). Only the project's sources are copied, not a local .venv or engines.
+# onnx, onnxruntime, Polygraphy -- which runs the engines and loads the container's libcudart -- pytest). Only the project's sources are copied, not a local .venv or engines.
 COPY pyproject.toml README.md Makefile ./
 COPY vitdeploy ./vitdeploy
 COPY jetson ./jetson
@@ -31,7 +27,7 @@ COPY benchmarks ./benchmarks
 COPY calib ./calib
 COPY tests ./tests
 RUN python3 -m pip install --upgrade pip \
- && python3 -m pip install -e ".[dev]" "${CUDA_PYTHON}" \
+ && python3 -m pip install -e ".[dev]" \
  && python3 -c "import tensorrt, vitdeploy; print('TensorRT', tensorrt.__version__)"
 
 CMD ["vitdeploy", "--help"]

@@ -1,9 +1,8 @@
 """Shared by the jetson/ launchers: find one of vitdeploy's standalone device scripts and run it.
 
 The scripts are imported by path, so neither vitdeploy nor torch/timm need to be installed on
-the device -- only TensorRT, NumPy and cuda-python/PyCUDA. Each script loads its sibling
-``device.py`` (the CUDA/TensorRT helpers they share) from its own folder. Python 3.6 compatible
-(JetPack 4.6).
+the device -- only TensorRT, NumPy, Polygraphy and ONNX Runtime (jetson/setup.sh). benchmark.py
+loads its sibling build_engine.py from its own folder. Python 3.8+ (Polygraphy's floor).
 """
 
 import importlib.util
@@ -42,7 +41,7 @@ def load_script(path):
 
 
 def run(launcher, name, argv=None):
-    """Run the real script's ``main``; exit 2 with one line when it (or its device.py) cannot be found."""
+    """Run the real script's ``main``; exit 2 with one line when it (or its sibling) cannot be found."""
     path = find_script(launcher, name)
     if path is None:
         sys.stderr.write("error: {} not found next to {} nor in ../vitdeploy/trt/\n".format(
@@ -50,7 +49,7 @@ def run(launcher, name, argv=None):
         return 2
     try:
         script = load_script(path)
-    except ImportError as exc:  # the script without its device.py
+    except ImportError as exc:  # benchmark.py without its build_engine.py
         sys.stderr.write("error: {}\n".format(exc))
         return 2
     return script.main(argv)

@@ -4,7 +4,7 @@
     python3 jetson/benchmark.py BUNDLE_DIR [--batch 1,8] [options; --help for all]
 
 Runs ``main`` of vitdeploy's standalone ``benchmark.py`` (``../vitdeploy/trt/benchmark.py``, or next to
-this file); see _launch.py. Python 3.6 compatible (JetPack 4.6).
+this file); see _launch.py. Python 3.8+.
 """
 
 import os

@@ -4,7 +4,7 @@
     python3 jetson/build_engine.py model.onnx --out model.engine [options; --help for all]
 
 Runs ``main`` of vitdeploy's standalone ``build_engine.py`` (``../vitdeploy/trt/build_engine.py``, or next to
-this file); see _launch.py. Python 3.6 compatible (JetPack 4.6).
+this file); see _launch.py. Python 3.8+.
 """
 
 import os

@@ -6,9 +6,10 @@
 # 1. Detects the L4T release (/etc/nv_tegra_release) and so the JetPack release, the TensorRT
 #    version (python3 -c "import tensorrt", else the libnvinfer package), CUDA and Python.
 # 2. Installs what benchmark.py and build_engine.py need besides TensorRT, only if missing:
-#    NumPy, and the CUDA bindings -- cuda-python matching the device's CUDA on JetPack >= 5
-#    (CUDA 11.4 / 12.x, Python >= 3.8) and on desktops, PyCUDA on JetPack 4.6 (CUDA 10.2 and
-#    Python 3.6, which cuda-python does not support).
+#    NumPy, Polygraphy (the pinned range below; it loads the device's libcudart itself) and ONNX
+#    Runtime (benchmark.py's reference). JetPack 4.6 (TensorRT 8.2, Python 3.6) is below what
+#    Polygraphy supports (TensorRT 8.5+, Python 3.8+): there it installs nothing and says to build
+#    and time with trtexec (the bundle's trtexec.txt).
 # 3. Prints the power mode (nvpmodel -q) and how to get stable timings. It never changes clocks
 #    or the power mode, except `sudo jetson_clocks` with --max-clocks.
 #
@@ -17,7 +18,7 @@
 # Environment: PYTHON (default python3: the interpreter that will run benchmark.py; JetPack's
 # TensorRT bindings live in the system python3), VITDEPLOY_ROOT (prefix for the files read:
 # etc/nv_tegra_release, proc/device-tree/model, usr/local/cuda/version.*; for tests),
-# CUDA_PYTHON_SPEC (override the cuda-python requirement).
+# POLYGRAPHY_SPEC (override the Polygraphy requirement).
 #
 # Exit: 0 ready (or --dry-run / --no-install), 1 something is still missing, 2 bad arguments.
 set -euo pipefail
@@ -169,36 +170,18 @@ CUDA_MINOR="$(printf '%s' "$CUDA_VERSION" | cut -s -d. -f2)"
 say "CUDA: ${CUDA_VERSION:-unknown}"
 
 # --------------------------------------------------------------------------------------------
-# What benchmark.py needs: NumPy and CUDA bindings
+# What benchmark.py and build_engine.py need: NumPy, Polygraphy, ONNX Runtime
 # --------------------------------------------------------------------------------------------
 
-# cuda-python's runtime module is tied to a CUDA major (libcudart.so.11 / .12); it starts at
-# CUDA 11, so JetPack 4.6 (CUDA 10.2, Python 3.6) gets PyCUDA.
+# The range build_engine.py is written against (its POLYGRAPHY_SPEC).
+POLYGRAPHY="${POLYGRAPHY_SPEC:-polygraphy>=0.49.9,<0.54}"
+TRTEXEC_ONLY=0
+case "$PY_VERSION" in
+    3.[0-7]) TRTEXEC_ONLY=1 ;;
+esac
 if [ "$L4T_MAJOR" = 32 ]; then
-    BINDING="pycuda"
-    BINDING_SPEC="pycuda"
-else
-    BINDING="cuda-python"
-    if [ -z "$CUDA_MAJOR" ]; then
-        case "$L4T_MAJOR" in
-            34|35) CUDA_MAJOR=11; CUDA_MINOR=4 ;;
-            36) CUDA_MAJOR=12 ;;
-        esac
-    fi
-    if [ -n "${CUDA_PYTHON_SPEC:-}" ]; then
-        BINDING_SPEC="$CUDA_PYTHON_SPEC"
-    elif [ -n "$CUDA_MAJOR" ] && [ -n "$CUDA_MINOR" ]; then
-        BINDING_SPEC="cuda-python>=$CUDA_MAJOR.$CUDA_MINOR,<$((CUDA_MAJOR + 1))"
-    elif [ -n "$CUDA_MAJOR" ]; then
-        BINDING_SPEC="cuda-python>=$CUDA_MAJOR,<$((CUDA_MAJOR + 1))"
-    else
-        BINDING_SPEC="cuda-python"
-    fi
-    case "$PY_VERSION" in
-        3.[0-7]) say "warning: cuda-python needs Python >= 3.8 (this is $PY_VERSION): use PyCUDA instead" ;;
-    esac
+    TRTEXEC_ONLY=1
 fi
-say "CUDA bindings for benchmark.py: $BINDING ($BINDING_SPEC)"
 
 PIP_USER=(--user)
 if [ -n "${VIRTUAL_ENV:-}" ] || [ "$(py_value 'import sys; print(int(sys.prefix != getattr(sys, "base_prefix", sys.prefix)))')" = 1 ]; then
@@ -213,45 +196,24 @@ pip_install() {
     run "$PYTHON" -m pip install ${PIP_USER[@]+"${PIP_USER[@]}"} "$@"
 }
 
-if py_has numpy; then
-    say "numpy: $(py_value 'import numpy; print(numpy.__version__)') (ok)"
-elif [ "$INSTALL" = 1 ]; then
-    if [ "$L4T_MAJOR" = 32 ]; then
-        run sudo apt-get install -y python3-numpy  # pip would compile it for Python 3.6 on aarch64
+# module, pip requirement
+need() {
+    if py_has "$1"; then
+        say "$1: $(py_value "import $1; print($1.__version__)") (ok)"
+    elif [ "$INSTALL" = 1 ]; then
+        pip_install "$2"
     else
-        pip_install numpy
-    fi
-else
-    MISSING+=(numpy)
-fi
-
-binding_ok() {
-    if [ "$BINDING" = pycuda ]; then
-        py_has pycuda.driver
-    else
-        py_has cuda.bindings.runtime || py_has cuda.cudart
+        MISSING+=("$1")
     fi
 }
 
-if binding_ok; then
-    say "$BINDING: installed (ok)"
-elif [ "$INSTALL" = 1 ]; then
-    if [ "$BINDING" = pycuda ]; then
-        # PyCUDA compiles against the JetPack CUDA toolkit: nvcc and the headers must be found.
-        run sudo apt-get install -y python3-dev build-essential
-        say "(PyCUDA builds from source: /usr/local/cuda/bin on PATH, CPATH=/usr/local/cuda/include)"
-        if [ "$DRY_RUN" = 0 ]; then
-            export PATH="/usr/local/cuda/bin:$PATH" CPATH=/usr/local/cuda/include LIBRARY_PATH=/usr/local/cuda/lib64
-        fi
-        pip_install pycuda
-    else
-        if ! pip_install "$BINDING_SPEC" && [ -n "$CUDA_MAJOR" ]; then
-            say "retrying with any cuda-python for CUDA $CUDA_MAJOR"
-            pip_install "cuda-python>=$CUDA_MAJOR,<$((CUDA_MAJOR + 1))"
-        fi
-    fi
+if [ "$TRTEXEC_ONLY" = 1 ]; then
+    say "build_engine.py and benchmark.py need Polygraphy, which needs TensorRT 8.5+ and Python 3.8+:"
+    say "  on this device build and time with trtexec (the bundle's trtexec.txt); nothing to install"
 else
-    MISSING+=("$BINDING")
+    need numpy numpy
+    need polygraphy "$POLYGRAPHY"
+    need onnxruntime onnxruntime
 fi
 
 if [ -z "$TRT_VERSION" ]; then
@@ -295,8 +257,12 @@ fi
 
 say ""
 say "== Next"
-say "  build:     python3 build_engine.py model.onnx --out model.fp16.engine --precision fp16   (see README.md)"
-say "  benchmark: python3 benchmark.py ."
+if [ "$TRTEXEC_ONLY" = 1 ]; then
+    say "  build and benchmark: the commands in the bundle's DEPLOY.md / trtexec.txt (/usr/src/tensorrt/bin/trtexec)"
+else
+    say "  build:     python3 build_engine.py model.onnx --out model.fp16.engine --precision fp16   (see README.md)"
+    say "  benchmark: python3 benchmark.py ."
+fi
 if [ "${#MISSING[@]}" -gt 0 ]; then
     say "missing: ${MISSING[*]}"
     if [ "$DRY_RUN" = 1 ] || [ "$INSTALL" = 0 ]; then
@@ -304,8 +270,8 @@ if [ "${#MISSING[@]}" -gt 0 ]; then
     fi
     exit 1
 fi
-if [ "$DRY_RUN" = 0 ] && ! binding_ok; then
-    say "missing: $BINDING (its install failed above)"
+if [ "$DRY_RUN" = 0 ] && [ "$INSTALL" = 1 ] && [ "$TRTEXEC_ONLY" = 0 ] && ! py_has polygraphy; then
+    say "missing: polygraphy (its install failed above)"
     exit 1
 fi
 say "ready"

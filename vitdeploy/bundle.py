@@ -3,9 +3,9 @@
 A TensorRT engine only runs on the GPU model and TensorRT version it was built with, so the
 engine cannot be made here: the bundle carries everything needed to build it on the device --
 the target's ONNX, preprocessed calibration images (``calib.npy``), the calibrated ranges as a
-TensorRT calibration cache (``calib.cache``), the engine build script (``build_engine.py``), the
-on-device benchmark (``benchmark.py``), the CUDA/TensorRT helpers both load from their folder
-(``device.py``), the equivalent ``trtexec`` command lines (``trtexec.txt``) and the instructions
+TensorRT calibration cache (``calib.cache``), the engine build script (``build_engine.py``) and the
+on-device benchmark (``benchmark.py``), both on Polygraphy, the equivalent ``trtexec`` command lines
+(``trtexec.txt``, what JetPack 4.6 builds with: Polygraphy needs TensorRT 8.5+) and the instructions
 (``DEPLOY.md``).
 
 The build flags for each target are derived from its `Target` record (INT8 or not, strongly
@@ -32,7 +32,6 @@ from .targets import Target, get_target
 __all__ = [
     "BENCHMARK_SOURCE",
     "BUILD_ENGINE_SOURCE",
-    "DEVICE_SOURCE",
     "CALIB_CACHE_VERSIONS",
     "DESKTOP_CALIB_CACHE_VERSION",
     "calib_amax_from_qdq",
@@ -44,10 +43,10 @@ __all__ = [
 
 #: The engine build script copied into every bundle (a module of this package, so it ships with it).
 BUILD_ENGINE_SOURCE = Path(__file__).parent / "trt" / "build_engine.py"
-#: The on-device benchmark copied next to it (standalone too: TensorRT + NumPy + cuda-python/PyCUDA).
+#: The on-device benchmark copied next to it (standalone too; it loads build_engine.py from its folder).
 BENCHMARK_SOURCE = Path(__file__).parent / "trt" / "benchmark.py"
-#: The device plumbing both scripts load by path from their own folder, so it goes next to them.
-DEVICE_SOURCE = Path(__file__).parent / "trt" / "device.py"
+#: The oldest TensorRT Polygraphy (and so build_engine.py and benchmark.py) runs on; JetPack 4.6 has 8.2.
+POLYGRAPHY_MIN_TRT = (8, 5)
 
 #: Version number written into calib.cache's header, per target TensorRT release, in
 #: NV_TENSORRT_VERSION style: 8.2.1 → 8201 (JetPack 4.6), 8.5.2 → 8502 (JetPack 5.1),
@@ -315,7 +314,6 @@ def write_bundle(folder: Path, target: Target | str, onnx_model_path: Path,
         written.append(folder / "calib.cache")
     written.append(_copy_build_engine(folder))
     written.append(_copy_script(BENCHMARK_SOURCE, folder / "benchmark.py"))
-    written.append(_copy_script(DEVICE_SOURCE, folder / "device.py"))
     commands = _Commands(target, onnx_path.name, shape, facts, max_batch, opt_batch)
     written.append(_write_text(folder / "trtexec.txt", commands.trtexec_text()))
     written.append(_write_text(folder / "DEPLOY.md",
@@ -381,15 +379,23 @@ def _deploy_markdown(target: Target, record: Mapping, commands: _Commands, has_c
     if target.warning:
         lines += [f"**Note:** {target.warning}.", ""]
     lines += _precision_notes(_precision_flags(target))
-    lines += ["## 1. Build the engine (on the device, in this folder)", "",
-              "```", shlex.join(commands.build_engine), "```", "",
-              "or, with TensorRT's own tool (same flags, see `trtexec.txt`):", "",
-              "```", shlex.join(commands.trtexec), "```", ""]
-    if commands.dla_build_engine:
-        lines += ["Optional DLA engine (static batch 1; unsupported layers fall back to the GPU):", "",
-                  "```", shlex.join(commands.dla_build_engine), "```", ""]
-    lines += ["## 2. Benchmark", "", "```", "python3 benchmark.py .", "```", "",
-              "## Files", ""]
+    if _before_polygraphy(target):
+        lines += [f"TensorRT {target.trt_version} is older than Polygraphy supports (8.5+, Python 3.8+), so "
+                  "`build_engine.py` and `benchmark.py` do not run here: build and time with `trtexec`.", "",
+                  "## 1. Build the engine (on the device, in this folder)", "",
+                  "```", shlex.join(commands.trtexec), "```", "",
+                  "## 2. Benchmark", "", "```", shlex.join(_trtexec_timing(commands)), "```", ""]
+    else:
+        lines += ["## 1. Build the engine (on the device, in this folder)", "",
+                  "```", shlex.join(commands.build_engine), "```", "",
+                  "or, with TensorRT's own tool (same flags, see `trtexec.txt`):", "",
+                  "```", shlex.join(commands.trtexec), "```", ""]
+        if commands.dla_build_engine:
+            lines += ["Optional DLA engine (static batch 1; unsupported layers fall back to the GPU):", "",
+                      "```", shlex.join(commands.dla_build_engine), "```", ""]
+        lines += ["## 2. Benchmark (and compare with ONNX Runtime)", "", "```", "python3 benchmark.py .", "```",
+                  ""]
+    lines += ["## Files", ""]
     lines += [f"- `{commands.onnx_name}`: the model, {target.onnx_kind}."]
     lines += ["- `calib.npy`: the preprocessed calibration images (float32 N×C×H×W), for "
               "calibrating or checking accuracy on the device."]
@@ -397,15 +403,14 @@ def _deploy_markdown(target: Target, record: Mapping, commands: _Commands, has_c
         lines += ["- `calib.cache`: the calibrated activation ranges in TensorRT's calibration cache "
                   "format. The Q/DQ ONNX already carries them and TensorRT ignores caches for "
                   "networks with Q/DQ, so it only serves to inspect the ranges, or an implicit-INT8 "
-                  "build from an FP32 ONNX with *these* ranges (`--trt-calibrator entropy --calib calib.npy "
-                  "--calib-cache calib.cache`, TensorRT 8-10: a non-empty cache is read instead of "
-                  "calibrating). A build with `--trt-calibrator entropy` calibrates on the device and "
-                  "keeps TensorRT's scales in `entropy.cache`."]
-    lines += ["- `build_engine.py`: builds the engine with TensorRT's Python API.",
-              "- `benchmark.py`: times the engines in this folder (latency, throughput, memory; top-1 "
-              "with an `eval.npz`); `python3 benchmark.py --help`.",
-              "- `device.py`: the CUDA and TensorRT helpers `build_engine.py` and `benchmark.py` share; "
-              "keep it next to them.",
+                  "build from an FP32 ONNX with *these* ranges (`--trt-calibrator entropy --calib-cache "
+                  "calib.cache --reuse-calib-cache`, TensorRT 8.5-10). A build with `--trt-calibrator "
+                  "entropy --calib calib.npy` always calibrates on the device and writes TensorRT's "
+                  "scales to its `--calib-cache` (`entropy.cache`)."]
+    lines += ["- `build_engine.py`: builds the engine with Polygraphy (`jetson/setup.sh` installs it).",
+              "- `benchmark.py`: times the engines in this folder (latency, throughput, memory) and, with an "
+              "`eval.npz`, their top-1 and agreement with ONNX Runtime; it loads `build_engine.py` from this "
+              "folder. `python3 benchmark.py --help`.",
               "- `trtexec.txt`: the same build as `trtexec` command lines."]
     return "\n".join(lines) + "\n"
 
@@ -421,6 +426,20 @@ def _precision_notes(precision: _Precision) -> List[str]:
         return ["LayerNorm layers are pinned to FP32 (their variance overflows FP16); keep "
                 "`--layernorm-fp32` (trtexec: `--precisionConstraints=obey --layerPrecisions`).", ""]
     return []
+
+
+def _before_polygraphy(target: Target) -> bool:
+    """JetPack 4.6's TensorRT 8.2 (TX2): Polygraphy, and so our device scripts, need 8.5+."""
+    from .trt.build_engine import version_tuple
+
+    return version_tuple(target.trt_version)[:2] < POLYGRAPHY_MIN_TRT
+
+
+def _trtexec_timing(commands: _Commands) -> List[str]:
+    """trtexec timing the engine it just built, at batch 1 (where Polygraphy cannot run)."""
+    engine = next((a.split("=", 1)[1] for a in commands.trtexec if a.startswith("--saveEngine=")), "model.engine")
+    shape = next((a.split("=", 1)[1] for a in commands.trtexec if a.startswith("--optShapes=")), None)
+    return [commands.trtexec[0], f"--loadEngine={engine}"] + ([f"--shapes={shape}"] if shape else [])
 
 
 # --------------------------------------------------------------------------------------------

@@ -315,9 +315,9 @@ def engine_argv(target, spec: ModelSpec, cfg: BuildConfig) -> list:
     if cfg.workspace_mib:
         argv += ["--workspace", str(cfg.workspace_mib)]
     if implicit:
-        # TensorRT's own cache, which its entropy calibration writes on the device (and a rebuild there reuses):
-        # never calib.cache, our max-calibrated ranges -- a calibrator handed a non-empty cache skips
-        # calibrating, so entropy would never have run while model.engine.json said "entropy".
+        # Where TensorRT's entropy calibration writes its scales on the device. build_engine.py always calibrates
+        # (into a fresh file) and reads a cache back only with --reuse-calib-cache, so "entropy" in
+        # model.engine.json means the entropy algorithm ran -- never our max-calibrated calib.cache.
         argv += ["--trt-calibrator", cfg.trt_calibrator, "--calib", "calib.npy", "--calib-cache", ENTROPY_CACHE]
     return argv
 

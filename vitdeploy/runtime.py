@@ -1,16 +1,14 @@
-"""TensorRT engines at run time: `TrtRunner`, engine metadata checks, portability checks.
+"""TensorRT engines at run time: `TrtRunner` (Polygraphy's, behind our runner interface), engine
+metadata and portability checks.
 
     with TrtRunner("engines/vit/model.engine") as runner:
         logits = runner.infer({"input": batch})["logits"]
-        runner.last_latency_ms, runner.last_compute_ms
 
 Engines are built on the device by ``vitdeploy/trt/build_engine.py`` and are not portable: one
 only loads in the TensorRT version that built it and only runs on that GPU architecture. The
 ``model.engine.json`` written next to each engine records both, so `check_engine_compatible` can
-say *why* an engine will not load instead of TensorRT's bare deserialization error.
-
-TensorRT and CUDA (cuda-python, else PyCUDA) are imported lazily: this module imports fine on a
-machine without them, and `TrtRunner` then raises `BuildError` with one line.
+say *why* an engine will not load. TensorRT and Polygraphy are imported lazily: without them
+`TrtRunner` raises `BuildError` with one line.
 """
 from __future__ import annotations
 
@@ -25,7 +23,6 @@ from .backends.base import Runner, TensorSpec
 from .errors import BuildError, InputError
 from .log import get_logger
 from .trt import build_engine as _engine_tools
-from .trt import device as _device
 
 __all__ = [
     "TrtRunner",
@@ -199,7 +196,7 @@ def _sm(cc: Optional[Sequence[int]]) -> str:
 
 def _release(version: Any) -> Tuple[int, ...]:
     """major.minor.patch of a TensorRT version string: the part an engine is tied to."""
-    return _device.version_tuple(version)[:3]
+    return _engine_tools.version_tuple(version)[:3]
 
 
 def _check_trt_version(built: str, here: Optional[str]) -> Tuple[List[str], List[str]]:
@@ -249,211 +246,79 @@ def check_engine_compatible(meta: Mapping[str, Any], device_name: Optional[str],
 # ---------------------------------------------------------------------------------------------
 
 
-def _import_tensorrt():
-    """``tensorrt``, or BuildError with one line."""
-    try:
-        return _device.import_tensorrt()
-    except _device.TensorRTNotFound:
-        raise BuildError("TensorRT not found (cannot import tensorrt): TrtRunner runs engines on the device "
-                         "that built them; use OrtRunner (ONNX Runtime) elsewhere") from None
-
-
-def _quietly(fn, *args) -> None:
-    """Run a cleanup call; a CUDA error while tearing down must not hide the error that caused it."""
-    try:
-        fn(*args)
-    except RuntimeError as exc:
-        log.debug("cleanup %s failed: %s", getattr(fn, "__name__", fn), exc)
-
-
 class TrtRunner(Runner):
-    """Runs a serialized TensorRT engine on NumPy batches, by input/output name.
+    """A serialized TensorRT engine on NumPy batches, by input/output name, through Polygraphy's TrtRunner.
 
-    Any batch inside the engine's optimization profile works (1..max for a dynamic batch).
-    Uses TensorRT's name-based tensor API (8.5+, required from 10) or the 8.x bindings API,
-    whichever the engine has; device memory, the stream and CUDA events come from cuda-python
-    (preferred) or PyCUDA. ``last_latency_ms`` is the device time of one `infer` (host->device
-    copies, execution, device->host copies) from CUDA events; ``last_compute_ms`` the execution
-    alone.
-
-    Args:
-        engine_path: the ``.engine`` file.
-        metadata: ``"auto"`` reads ``<engine>.json`` when present; a path must exist; a dict
-            is validated; None skips it.
-        check_compatibility: refuse (BuildError) an engine whose metadata says it was built for
-            another GPU architecture or TensorRT release, with the reason.
-        device: CUDA device index.
+    Before loading, the engine's ``<engine>.json`` (when there, or ``metadata``) is checked against this GPU
+    and TensorRT (`check_engine_compatible`), so a stale engine fails with the reason, not TensorRT's bare
+    deserialization error. ``last_latency_ms``: one `infer` (copies, execution, synchronisation).
     """
 
     name = "tensorrt"
 
     def __init__(self, engine_path: Union[str, Path], metadata: Union[str, Path, Mapping, None] = "auto",
-                 check_compatibility: bool = True, device: int = 0):
+                 check_compatibility: bool = True):
         super().__init__()
-        self._trt = _import_tensorrt()
+        try:
+            self._trt, self._pg = _engine_tools.import_backend()
+        except _engine_tools.UsageError as exc:
+            raise BuildError(f"{exc}; use OrtRunner (ONNX Runtime) elsewhere") from None
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
             raise InputError(f"TensorRT engine not found: {self.engine_path}")
-        self.metadata = self._resolve_metadata(metadata)
-        self.check_compatibility = check_compatibility
-        self.device = device
-        self.last_compute_ms: Optional[float] = None
-        self._reset_state()
-
-    def _resolve_metadata(self, metadata) -> Optional[Dict[str, Any]]:
-        if metadata is None:
-            return None
-        if isinstance(metadata, Mapping):
-            return validate_engine_metadata(dict(metadata))
         if metadata == "auto":
             path = engine_metadata_path(self.engine_path)
-            return load_engine_metadata(path) if path.is_file() else None
-        return load_engine_metadata(metadata)
+            metadata = path if path.is_file() else None
+        self.metadata = (validate_engine_metadata(dict(metadata)) if isinstance(metadata, Mapping)
+                         else load_engine_metadata(metadata) if metadata is not None else None)
+        self.check_compatibility = check_compatibility
+        self._runner = None
 
-    def _reset_state(self) -> None:
-        self._cuda = None
-        self._runtime = None
-        self._engine = None
-        self._context = None
-        self._stream = None
-        self._events: List[Any] = []
-        self._buffers: Dict[str, Tuple[int, int]] = {}
-        self._io: List[Dict[str, Any]] = []
-        self._profiles: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
-        self._tensor_api = False
-
-    # lifecycle -------------------------------------------------------------------------------
     def activate_impl(self) -> None:
+        from polygraphy.backend.common import BytesFromPath
+
+        if self.metadata is not None and self.check_compatibility:
+            gpu = _engine_tools.cuda_device()
+            verdict = check_engine_compatible(self.metadata, gpu["name"], gpu["compute_capability"],
+                                              self._trt.__version__)
+            for message in verdict.warnings:
+                log.warning("%s: %s", self.engine_path.name, message)
+            if not verdict.ok:
+                raise BuildError(f"{self.engine_path}: " + " ".join(verdict.errors))
+        dla = ((self.metadata or {}).get("precision") or {}).get("dla_core")
+
+        def runtime():
+            rt = self._trt.Runtime(self._pg.get_trt_logger())
+            if dla is not None:
+                rt.DLA_core = dla
+            return rt
+
+        loader = self._pg.EngineFromBytes(BytesFromPath(str(self.engine_path)), runtime=runtime)
         try:
-            self._cuda = _device.load_cuda(self.device)
-        except _device.CudaNotFound as exc:
-            raise BuildError(str(exc)) from None
-        except RuntimeError as exc:
-            raise BuildError(f"CUDA is not usable here: {exc}") from None
-        try:
-            self._check_compatibility()
-            self._load_engine()
-            self._stream = self._cuda.stream_create()
-            self._events = [self._cuda.event_create() for _ in range(4)]
-        except BaseException:
-            self._release()
-            raise
+            self._runner = self._pg.TrtRunner(loader).__enter__()
+        except Exception as exc:  # noqa: BLE001 - Polygraphy raises its own exception type
+            raise BuildError(f"TensorRT cannot load {self.engine_path}: {str(exc).strip().splitlines()[-1]}; "
+                             f"{_REBUILD}") from None
 
     def deactivate_impl(self) -> None:
-        self._release()
+        if self._runner is not None:
+            self._runner.__exit__(None, None, None)
+            self._runner = None
 
-    def _check_compatibility(self) -> None:
-        """Refuse, with the reason, an engine built for another GPU or TensorRT."""
-        if self.metadata is None or not self.check_compatibility:
-            return
-        try:
-            name, cc = self._cuda.device_properties()
-        except (RuntimeError, AttributeError):
-            name, cc = None, None
-        verdict = check_engine_compatible(self.metadata, name, cc, getattr(self._trt, "__version__", None))
-        for message in verdict.warnings:
-            log.warning("%s: %s", self.engine_path, message)
-        if not verdict.ok:
-            raise BuildError(f"{self.engine_path}: " + "; ".join(verdict.errors))
-
-    def _load_engine(self) -> None:
-        trt = self._trt
-        self._runtime = trt.Runtime(_device.get_trt_logger(trt))
-        dla_core = ((self.metadata or {}).get("precision") or {}).get("dla_core")
-        if dla_core is not None:
-            self._runtime.DLA_core = dla_core
-        engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if engine is None:
-            raise BuildError(f"TensorRT {trt.__version__} cannot load {self.engine_path}: an engine only loads in "
-                             f"the TensorRT version and on the GPU architecture that built it; {_REBUILD}")
-        self._engine = engine
-        self._context = engine.create_execution_context()
-        self._tensor_api = _device.uses_tensor_api(engine, self._context)
-        self._io = _device.engine_io(engine, trt)
-        for tensor in self._io:
-            try:
-                tensor["np_dtype"] = np.dtype(tensor["dtype"])
-            except TypeError:
-                raise BuildError(f"{self.engine_path}: tensor '{tensor['name']}' is {tensor['dtype']}, which NumPy "
-                                 f"cannot hold; build the engine with float32/float16 I/O") from None
-        # (min shape, max shape) each input accepts: its profile 0, or its static shape.
-        self._profiles = {t["name"]: _device.profile_range(engine, t, self._tensor_api)
-                          for t in self._io if t["is_input"]}
-
-    def _release(self) -> None:
-        """Free device memory, events and stream, then the context before the engine."""
-        cuda = self._cuda
-        if cuda is not None:
-            for ptr, _size in self._buffers.values():
-                _quietly(cuda.free, ptr)
-            for event in self._events:
-                _quietly(cuda.event_destroy, event)
-            if self._stream is not None:
-                _quietly(cuda.stream_destroy, self._stream)
-        self._context = None
-        self._engine = None
-        self._runtime = None
-        if cuda is not None:
-            _quietly(cuda.close)
-        self._reset_state()
-
-    # inference -------------------------------------------------------------------------------
     def input_spec_impl(self) -> Dict[str, TensorSpec]:
-        if self._engine is None:
-            raise RuntimeError(f"{self.name}: use the runner inside a 'with' block")
-        return {t["name"]: TensorSpec(tuple(None if d < 0 else d for d in t["shape"]), t["np_dtype"])
-                for t in self._io if t["is_input"]}
+        return {name: TensorSpec(tuple(d if d >= 0 else None for d in shape), np.dtype(self._trt.nptype(dtype)))
+                for name, (shape, dtype) in self._io(self._trt.TensorIOMode.INPUT).items()}
 
     def output_names(self) -> List[str]:
-        return [t["name"] for t in self._io if not t["is_input"]]
+        return list(self._io(self._trt.TensorIOMode.OUTPUT))
+
+    def _io(self, mode) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
+        engine = self._runner.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        return {n: (tuple(engine.get_tensor_shape(n)), engine.get_tensor_dtype(n))
+                for n in names if engine.get_tensor_mode(n) == mode}
 
     def infer_impl(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        inputs = {t["name"]: np.ascontiguousarray(feeds[t["name"]]) for t in self._io if t["is_input"]}
-        for tensor in self._io:
-            if tensor["is_input"]:
-                self._set_input_shape(tensor, inputs[tensor["name"]].shape)
-        outputs = {t["name"]: np.empty(self._output_shape(t), t["np_dtype"]) for t in self._io if not t["is_input"]}
-        arrays = {**inputs, **outputs}
-        # device memory per tensor, grown (never shrunk) to the largest batch seen
-        pointers = {name: _device.ensure_buffer(self._cuda, self._buffers, name, array.nbytes)
-                    for name, array in arrays.items()}
-        self._run(inputs, outputs, pointers)
-        return outputs
-
-    def _set_input_shape(self, tensor: Dict[str, Any], shape: Tuple[int, ...]) -> None:
-        low, high = self._profiles[tensor["name"]]
-        if len(shape) != len(low) or any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high)):
-            raise InputError(f"{self.name}: input '{tensor['name']}' has shape {list(shape)}, the engine's profile "
-                             f"takes {list(low)} to {list(high)}; rebuild with a larger --max-batch for bigger batches")
-        if _device.set_input_shape(self._context, tensor, shape, self._tensor_api) is False:
-            raise InputError(f"{self.name}: TensorRT rejected shape {list(shape)} for input '{tensor['name']}'")
-
-    def _output_shape(self, tensor: Dict[str, Any]) -> Tuple[int, ...]:
-        shape = _device.output_shape(self._context, tensor, self._tensor_api)
-        if any(d < 0 for d in shape):
-            raise RuntimeError(f"{self.name}: TensorRT could not infer the shape of output '{tensor['name']}' "
-                               f"({list(shape)})")
-        return shape
-
-    def _run(self, inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray], pointers: Dict[str, int]) -> None:
-        """Copy in, execute, copy out on our stream, timing both spans with CUDA events."""
-        cuda, stream = self._cuda, self._stream
-        start, compute_start, compute_end, end = self._events
-        cuda.event_record(start, stream)
-        for name, array in inputs.items():
-            if array.nbytes:
-                cuda.htod(pointers[name], array, stream)
-        bindings = _device.bind(self._engine, self._context, self._io, pointers, self._tensor_api)
-        cuda.event_record(compute_start, stream)
-        ok = _device.enqueue(self._context, bindings, cuda.stream_handle(stream), self._tensor_api)
-        cuda.event_record(compute_end, stream)
-        if not ok:
-            cuda.stream_synchronize(stream)
-            raise RuntimeError(f"{self.name}: TensorRT failed to execute {self.engine_path} (see its log)")
-        for name, array in outputs.items():
-            if array.nbytes:
-                cuda.dtoh(array, pointers[name], stream)
-        cuda.event_record(end, stream)
-        cuda.stream_synchronize(stream)
-        self.last_compute_ms = cuda.event_elapsed_ms(compute_start, compute_end)
-        self.last_latency_ms = cuda.event_elapsed_ms(start, end)
+        outputs = self._runner.infer(feeds, check_inputs=False)
+        self.last_latency_ms = self._runner.last_inference_time() * 1e3
+        return {name: np.array(value) for name, value in outputs.items()}

@@ -421,28 +421,12 @@ def _peak_rss_mb() -> float:
         return getattr(info, "peak_wset", info.rss) / 1e6
 
 
-def _cuda_free_bytes(device: int = 0) -> Optional[int]:
-    """Free device memory as CUDA reports it (cuda-python, else PyCUDA); None when it cannot tell."""
-    from ..trt import build_engine as tools
-
+def _cuda_free_bytes() -> Optional[int]:
+    """Free device memory as CUDA reports it; None when it cannot tell (no CUDA, no Polygraphy)."""
     try:
-        cudart = tools._import_cudart()
-    except ImportError:
-        cudart = None
-    try:
-        if cudart is not None:
-            cudart.cudaSetDevice(device)
-            err, free, _total = cudart.cudaMemGetInfo()
-            return int(free) if err == cudart.cudaError_t.cudaSuccess else None
-        import pycuda.driver as driver
+        from ..trt.benchmark import cuda_free_bytes
 
-        driver.init()
-        context = driver.Device(device).retain_primary_context()
-        context.push()
-        try:
-            return int(driver.mem_get_info()[0])
-        finally:
-            context.pop()
+        return cuda_free_bytes()
     except Exception:  # noqa: BLE001 - no CUDA, no driver: memory is simply unknown
         return None
 
@@ -450,7 +434,7 @@ def _cuda_free_bytes(device: int = 0) -> Optional[int]:
 def engine_device_memory_bytes(runner) -> Optional[int]:
     """The engine's own device (activation scratch) memory: TensorRT 10's ``device_memory_size_v2``
     or 8.x's ``device_memory_size``."""
-    engine = getattr(runner, "_engine", None)
+    engine = getattr(getattr(runner, "_runner", None), "engine", None)
     for attr in ("device_memory_size_v2", "device_memory_size"):
         value = getattr(engine, attr, None)
         if value is not None:
@@ -476,10 +460,9 @@ class _Worker:
 
             self.cuda_free_before = _cuda_free_bytes()
             self.runner = TrtRunner(self.path).__enter__()
-            try:
-                self.gpu = self.runner._cuda.device_properties()[0]
-            except Exception:  # noqa: BLE001
-                self.gpu = None
+            from ..trt.build_engine import cuda_device
+
+            self.gpu = cuda_device()["name"]
         else:
             from ..backends.ort import OrtRunner
 

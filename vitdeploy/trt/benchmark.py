@@ -4,35 +4,30 @@
     python3 benchmark.py [BUNDLE_DIR | ENGINE ...] [--batch 1,8] [--warmup 20] [--runs 200]
         [--data eval.npz] [--json benchmark.json] [--no-tegrastats] [--tegrastats-interval 100]
 
-It runs the engines it finds -- ``model.fp32.engine``, ``model.fp16.engine``,
-``model.int8.engine``, and the bundle's ``model.engine`` / ``model.dla.engine`` -- and builds none
-(use build_engine.py for that, see jetson/README.md). For each engine and batch size: warm-up,
-then timed runs measured with CUDA events (host->device copy, execution, device->host copy),
-median / p90 / p99 latency and throughput; top-1 accuracy on the bundle's ``eval.npz`` (``x``
-preprocessed float32 N x C x H x W, ``y`` labels) or ``--data``; engine file size; device memory
-(the engine's own activation memory and the measured ``cudaMemGetInfo`` drop while it is loaded);
-and on a Jetson the RAM figure of ``tegrastats`` sampled while each engine runs (shared memory:
-there the GPU's allocations are system RAM).
+It runs the engines it finds -- ``model.fp32.engine``, ``model.fp16.engine``, ``model.int8.engine``,
+and the bundle's ``model.engine`` / ``model.dla.engine`` -- and builds none (build_engine.py does).
+Each engine runs in Polygraphy's TrtRunner. Per engine and batch size: warm-up, then timed runs
+(host->device copy, execution, device->host copy), median / p90 / p99 latency and throughput;
+on the bundle's ``eval.npz`` (``x`` images, ``y`` labels) or ``--data``: top-1, and the engine
+compared with ONNX Runtime (Q/DQ evaluated in float, the semantics TensorRT implements) on the
+same images through Polygraphy's Comparator -- top-1 agreement and the largest logit difference;
+engine file size; device memory (the engine's own and the measured ``cudaMemGetInfo`` drop); and
+on a Jetson the RAM and power of ``tegrastats`` sampled while each engine runs.
 
 It prints a Markdown table on stdout and writes the same rows as JSON (``benchmark.json`` in the
 bundle unless ``--json`` says otherwise), in the shape ``vitdeploy bench`` uses::
 
     {"device": ..., "trt_version": ..., "rows": [{"precision", "batch", "top1", "size_mb",
       "latency_ms": {"median", "p90", "p99"}, "throughput_ips", "memory_mb",
-      "speedup_vs_fp32", "size_ratio_vs_fp32"}], ...}
+      "speedup_vs_fp32", "size_ratio_vs_fp32"}], "engines": [{..., "versus_onnxruntime"}], ...}
 
-Like build_engine.py it is standalone: the standard library, NumPy, TensorRT (8.2 to 11.x, by
-feature checks) and cuda-python or PyCUDA, plus its sibling ``device.py`` (the CUDA/TensorRT
-plumbing shared with build_engine.py, loaded by path: keep it next to this file) -- no vitdeploy,
-no torch -- and Python 3.6 compatible (JetPack 4.6): no dataclasses, no walrus, no
-``from __future__ import annotations``.
+Standalone: the standard library, NumPy, TensorRT, Polygraphy and ONNX Runtime (``jetson/setup.sh``
+installs the last two), plus its sibling ``build_engine.py`` -- no vitdeploy, no torch. Python >= 3.8.
 
-Sizes and memory are in MB = 10^6 bytes (as in vitdeploy's reports); tegrastats' own figures are
-reported as it prints them.
+Sizes and memory are in MB = 10^6 bytes (as in vitdeploy's reports).
 
-Exit codes: 0 measured; 2 a problem with the arguments or the machine (no engines, no
-TensorRT, no CUDA), explained in one line; 1 an engine failed to load or run (the others are
-still measured and reported).
+Exit codes: 0 measured; 2 a problem with the arguments or the machine (no engines, no TensorRT
+or Polygraphy), in one line; 1 an engine failed to load or run (the others are still measured).
 """
 
 import argparse
@@ -45,7 +40,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 
 
 def _import_sibling(name):
@@ -66,13 +60,12 @@ def _import_sibling(name):
     return module
 
 
-_device = _import_sibling("device")
-UsageError = _device.UsageError  # a problem with the arguments, files or machine, in one line (exit 2)
-_warn = _device.warn
+_engine_tools = _import_sibling("build_engine")  # the device-side basics live there; bundles carry both
+UsageError = _engine_tools.UsageError  # a problem with the arguments, files or machine, in one line (exit 2)
+_warn = _engine_tools.warn
 
 __all__ = [
     "REPORT_SCHEMA",
-    "NO_TENSORRT_MESSAGE",
     "ENGINE_FILES",
     "UsageError",
     "BenchmarkFailed",
@@ -98,10 +91,6 @@ __all__ = [
 
 #: Identifies the layout of benchmark.json.
 REPORT_SCHEMA = "vitdeploy.bench/1"
-
-#: The one line printed (exit 2) when ``import tensorrt`` fails.
-NO_TENSORRT_MESSAGE = ("TensorRT not found (cannot import tensorrt): benchmark.py runs engines on the device that "
-                       "built them (Jetson or GPU machine with TensorRT); run jetson/setup.sh there")
 
 #: Engine files looked for in a bundle folder, in table order: ``(precision or None, file name)``.
 #: None means "read the precision from <engine>.json" (the bundle's own engine).
@@ -637,7 +626,7 @@ def make_report(device, trt_version, rows, **extra):
 
 def missing_mark():
     """What a table shows for "no value": an em dash like vitdeploy's reports, or "-" where stdout
-    cannot encode it (Python 3.6 under the C locale, e.g. a JetPack 4.6 service or container)."""
+    cannot encode it (a C locale, e.g. a service or container without UTF-8)."""
     encoding = getattr(sys.stdout, "encoding", None) or "ascii"
     try:
         "\u2014".encode(encoding)
@@ -761,253 +750,161 @@ def prepare_eval_inputs(x, sample_shape, preprocessing=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA and TensorRT (the plumbing is device.py's)
+# Engines, through Polygraphy's TrtRunner; the reference, through its OnnxrtRunner
 # ---------------------------------------------------------------------------------------------
 
 
-def load_cuda(index=0):
-    """device.py's CUDA helper (cuda-python, else PyCUDA); UsageError when CUDA is missing or unusable."""
-    try:
-        return _device.load_cuda(index)
-    except RuntimeError as exc:
-        raise UsageError("CUDA is not usable here: {}".format(exc))
+def cuda_free_bytes():
+    """Free device memory (``cudaMemGetInfo`` of the libcudart Polygraphy loads), or None."""
+    import ctypes
+
+    from polygraphy import cuda
+
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    if cuda.wrapper().handle.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+        return None
+    return free.value
 
 
-def import_tensorrt():
-    """The ``tensorrt`` module, imported only when needed so ``--help`` works without it."""
-    return _device.import_tensorrt(NO_TENSORRT_MESSAGE)
+def engine_runner(trt, pg, entry):
+    """A Polygraphy TrtRunner for one engine file (on its DLA core when it was built for one)."""
+    from polygraphy.backend.common import BytesFromPath
+
+    def runtime():
+        rt = trt.Runtime(pg.get_trt_logger())
+        if entry.get("dla_core") is not None:
+            rt.DLA_core = entry["dla_core"]
+        return rt
+
+    return pg.TrtRunner(pg.EngineFromBytes(BytesFromPath(entry["path"]), runtime=runtime), name=entry["label"])
 
 
-def engine_device_memory(engine):
-    """Bytes of activation memory the engine needs (TensorRT 10's ``device_memory_size_v2``,
-    else ``device_memory_size``), or None."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # device_memory_size is deprecated from 10.1
-        for name in ("device_memory_size_v2", "get_device_memory_size_v2", "device_memory_size"):
-            try:
-                value = getattr(engine, name, None)
-                if callable(value):
-                    value = value()
-            except Exception:  # a property TensorRT refuses to compute is "unknown"
-                value = None
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return None
+def batch_range(trt, runner):
+    """``(name, sample shape, min batch, max batch)`` of the engine's one image input (profile 0)."""
+    engine = runner.engine
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    if len(inputs) != 1:
+        raise BenchmarkFailed("{}: {} inputs; vitdeploy engines take one image batch".format(runner.name, len(inputs)))
+    name = inputs[0]
+    shape = [int(d) for d in engine.get_tensor_shape(name)]
+    if shape[0] >= 0:
+        return name, shape[1:], shape[0], shape[0]
+    low, _opt, high = engine.get_tensor_profile_shape(name, 0)
+    return name, shape[1:], int(low[0]), int(high[0])
 
 
-def _np_dtype(name):
-    """The NumPy dtype of an `engine_io` tensor type name."""
-    import numpy as np
-    try:
-        return np.dtype(name)
-    except TypeError:
-        raise BenchmarkFailed("tensor type {} has no NumPy equivalent: build the engine with float32/float16 "
-                              "I/O".format(name))
-
-
-class EngineSession(object):
-    """One deserialized engine with its context, buffers, stream and events.
-
-    Uses TensorRT's name-based tensor API (8.5+, the only one from 10) or the bindings API of
-    8.2-8.4 (JetPack 4.6), whichever the engine has (see device.py).
-    """
-
-    def __init__(self, trt, cuda, path, logger, dla_core=None):
-        self.trt, self.cuda, self.path = trt, cuda, path
-        self.runtime = trt.Runtime(logger)
-        if dla_core is not None:
-            self.runtime.DLA_core = dla_core
-        with open(path, "rb") as f:
-            blob = f.read()
-        self.engine = self.runtime.deserialize_cuda_engine(blob)
-        if self.engine is None:
-            raise BenchmarkFailed("TensorRT {} cannot load {}: an engine only loads in the TensorRT version and on the "
-                                  "GPU that built it; rebuild it here with build_engine.py".format(
-                                      trt.__version__, path))
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise BenchmarkFailed("{}: TensorRT could not create an execution context (out of memory?)".format(path))
-        self.tensor_api = _device.uses_tensor_api(self.engine, self.context)
-        self.io = self._io()
-        self.stream = cuda.stream_create()
-        self.events = [cuda.event_create() for _ in range(2)]
-        self.buffers = {}  # name -> (ptr, nbytes)
-        self.hosts = {}  # name -> host array
-
-    def _io(self):
-        """device.engine_io with tuple shapes, NumPy dtypes and each input's batch ``range``."""
-        tensors = _device.engine_io(self.engine, self.trt)
-        for tensor in tensors:
-            tensor["shape"] = tuple(tensor["shape"])
-            tensor["dtype"] = _np_dtype(tensor["dtype"])
-            tensor["range"] = self._batch_range(tensor) if tensor["is_input"] else None
-        return tensors
-
-    def _batch_range(self, tensor):
-        """(min batch, max batch) the input accepts (its profile 0, or its static batch)."""
-        low, high = _device.profile_range(self.engine, tensor, self.tensor_api)
-        return low[0], high[0]
-
-    @property
-    def inputs(self):
-        return [t for t in self.io if t["is_input"]]
-
-    @property
-    def outputs(self):
-        return [t for t in self.io if not t["is_input"]]
-
-    def batch_range(self):
-        """(min, max) batch accepted by every input."""
-        lows, highs = zip(*[t["range"] for t in self.inputs])
-        return max(lows), min(highs)
-
-    def set_batch(self, batch, fill=True):
-        """Set every input's batch and (re)allocate host/device buffers; with ``fill`` the inputs get
-        fixed random data (timing runs). Returns the input arrays."""
-        import numpy as np
-
-        for tensor in self.inputs:
-            shape = (batch,) + tensor["shape"][1:]
-            if any(d < 0 for d in shape):
-                raise BenchmarkFailed("{}: input '{}' has dynamic dimensions besides the batch {}".format(
-                    self.path, tensor["name"], list(tensor["shape"])))
-            if _device.set_input_shape(self.context, tensor, shape, self.tensor_api) is False:
-                raise BenchmarkFailed("{}: TensorRT rejected batch {} for input '{}'".format(
-                    self.path, batch, tensor["name"]))
-            self._ensure(tensor, shape)
-            if fill:
-                host = self.hosts[tensor["name"]]
-                host[...] = np.random.RandomState(0).standard_normal(shape).astype(tensor["dtype"])
-        for tensor in self.outputs:
-            shape = _device.output_shape(self.context, tensor, self.tensor_api)
-            if any(d < 0 for d in shape):
-                raise BenchmarkFailed("{}: TensorRT could not infer output '{}' shape {}".format(
-                    self.path, tensor["name"], list(shape)))
-            self._ensure(tensor, shape)
-        return {t["name"]: self.hosts[t["name"]] for t in self.inputs}
-
-    def _ensure(self, tensor, shape):
-        import numpy as np
-
-        nbytes = int(np.prod(shape)) * tensor["dtype"].itemsize
-        _device.ensure_buffer(self.cuda, self.buffers, tensor["name"], nbytes)
-        host = self.hosts.get(tensor["name"])
-        if host is None or tuple(host.shape) != tuple(shape):
-            self.hosts[tensor["name"]] = self.cuda.host_empty(shape, tensor["dtype"])
-
-    def run(self):
-        """Copy in, execute, copy out on the stream; returns the device time in ms (CUDA events)."""
-        cuda, stream = self.cuda, self.stream
-        start, end = self.events
-        cuda.event_record(start, stream)
-        for tensor in self.inputs:
-            cuda.htod(self.buffers[tensor["name"]][0], self.hosts[tensor["name"]], stream)
-        pointers = {name: ptr for name, (ptr, _size) in self.buffers.items()}
-        bindings = _device.bind(self.engine, self.context, self.io, pointers, self.tensor_api)
-        if not _device.enqueue(self.context, bindings, cuda.stream_handle(stream), self.tensor_api):
-            cuda.stream_synchronize(stream)
-            raise BenchmarkFailed("TensorRT failed to execute {} (see its log)".format(self.path))
-        for tensor in self.outputs:
-            cuda.dtoh(self.hosts[tensor["name"]], self.buffers[tensor["name"]][0], stream)
-        cuda.event_record(end, stream)
-        cuda.stream_synchronize(stream)
-        return cuda.event_elapsed_ms(start, end)
-
-    def close(self):
-        for ptr, _size in self.buffers.values():
-            _quietly(self.cuda.free, ptr)
-        for event in self.events:
-            _quietly(self.cuda.event_destroy, event)
-        _quietly(self.cuda.stream_destroy, self.stream)
-        self.buffers, self.hosts, self.events = {}, {}, []
-        self.context = None
-        self.engine = None
-        self.runtime = None
-
-
-def _quietly(fn, *args):
-    try:
-        fn(*args)
-    except RuntimeError:
-        pass
-
-
-def _timed_runs(session, warmup, runs):
-    for _ in range(warmup):
-        session.run()
-    return [session.run() for _ in range(runs)]
-
-
-def evaluate_top1(session, x, y, batch):
-    """Top-1 % of the engine on preprocessed ``x`` with labels ``y``, in batches of ``batch``
-    (the last one padded when the engine's batch is static)."""
+def eval_batches(x, name, batch, low):
+    """``{name: chunk}`` batches over ``x``; the last is padded up to the engine's smallest batch."""
     import numpy as np
 
-    low, high = session.batch_range()
-    batch = max(low, min(batch, high))
-    (tensor,) = session.inputs
-    output = session.outputs[0]
-    correct = 0
     for begin in range(0, len(x), batch):
-        chunk = x[begin:begin + batch]
-        size = len(chunk)
-        run_batch = size if size >= low else low
-        if run_batch != size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], run_batch - size, axis=0)])
-        session.set_batch(run_batch, fill=False)
-        session.hosts[tensor["name"]][...] = chunk.astype(tensor["dtype"])
-        session.run()
-        logits = np.asarray(session.hosts[output["name"]]).reshape(run_batch, -1)[:size]
+        chunk = np.ascontiguousarray(x[begin:begin + batch], dtype=np.float32)
+        if len(chunk) < low:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], low - len(chunk), axis=0)])
+        yield {name: chunk}
+
+
+def ort_reference(onnx_path):
+    """ONNX Runtime (CPU) with Q/DQ evaluated in float: the ONNX semantics TensorRT implements, not ONNX
+    Runtime's integer kernels (host-dependent on x86). A Polygraphy OnnxrtRunner."""
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return OnnxrtRunner(lambda: ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"]),
+                        name="onnxruntime (float Q/DQ)")
+
+
+def compare_with_ort(runner, onnx_path, x, name, batch, low):
+    """Engine vs ONNX Runtime on the same images, as ``polygraphy run --trt --onnxrt`` does: Polygraphy's
+    Comparator runs both, and its default comparison (atol 1e-5, rtol 1e-5) says pass/fail per batch;
+    ours adds what decides a classifier -- top-1 agreement -- and the largest logit difference."""
+    import numpy as np
+    from polygraphy.comparator import Comparator
+
+    feeds = list(eval_batches(x, name, batch, low))
+    results = Comparator.run([runner, ort_reference(onnx_path)], data_loader=feeds)
+    accuracy = Comparator.compare_accuracy(results)
+    (_, ours), (_, theirs) = results
+    agree = diff = 0.0
+    for feed, a, b in zip(feeds, ours, theirs):
+        used = min(len(x), len(feed[name]))
+        la, lb = (np.asarray(next(iter(r.values())), np.float32).reshape(len(feed[name]), -1)[:used] for r in (a, b))
+        agree += float((la.argmax(1) == lb.argmax(1)).sum())
+        diff = max(diff, float(np.abs(la - lb).max()))
+    return {"onnx": os.path.basename(onnx_path), "reference": "ONNX Runtime, Q/DQ in float", "images": len(x),
+            "top1_agreement": 100.0 * agree / len(x), "max_abs_diff": diff,
+            "polygraphy_pass_rate": 100.0 * accuracy.percentage() if accuracy else None}
+
+
+def evaluate_top1(runner, x, y, name, batch, low):
+    import numpy as np
+
+    correct = 0
+    for begin, feed in zip(range(0, len(x), batch), eval_batches(x, name, batch, low)):
+        size = min(batch, len(x) - begin)
+        logits = np.asarray(next(iter(runner.infer(feed).values()))).reshape(len(feed[name]), -1)[:size]
         correct += int((logits.argmax(axis=1) == np.asarray(y[begin:begin + size])).sum())
     return 100.0 * correct / len(x)
 
 
-def bench_engine(trt, cuda, logger, entry, batches, warmup, runs, data=None, sampler=None, quiet=False):
+def bench_engine(trt, pg, entry, batches, warmup, runs, data=None, sampler=None, quiet=False, folder=None):
     """Measure one engine; returns ``(rows, details)``. See the module docstring for what."""
-    free_before = cuda.mem_get_info()[0]
+    import numpy as np
+
+    free_before = cuda_free_bytes()
     sampling = sampler.start() if sampler is not None else False
-    session = None
     try:
-        session = EngineSession(trt, cuda, entry["path"], logger, entry.get("dla_core"))
-        low, high = session.batch_range()
-        fits = [b for b in batches if low <= b <= high]
-        skipped = [b for b in batches if b not in fits]
-        if skipped:
-            why = ("the engine has a static batch of {}".format(low) if low == high else
-                   "outside the engine's profile {}-{}; rebuild with --min-batch/--max-batch".format(low, high))
-            _warn("{}: batch {} skipped: {}".format(entry["file"], ",".join(str(b) for b in skipped), why))
-        if fits:
-            session.set_batch(max(fits))  # allocate for the largest batch before measuring memory
-        free_loaded = cuda.mem_get_info()[0]
-        timings, compute_free = {}, [free_loaded]
-        for batch in fits:
-            session.set_batch(batch)
-            times = _timed_runs(session, warmup, runs)
-            timings[batch] = times
-            compute_free.append(cuda.mem_get_info()[0])
-            _note("  {} batch {}: median {:.3f} ms".format(entry["label"], batch, sorted(times)[len(times) // 2]),
-                  quiet)
-        top1 = None
-        if data is not None and data[1] is not None:
-            x = prepare_eval_inputs(data[0], session.inputs[0]["shape"][1:], (entry.get("meta") or {}).get(
-                "preprocessing"))
-            top1 = evaluate_top1(session, x, data[1], max(fits) if fits else high)
-        device_memory = engine_device_memory(session.engine)
+        with engine_runner(trt, pg, entry) as runner:
+            name, sample, low, high = batch_range(trt, runner)
+            fits = [b for b in batches if low <= b <= high]
+            skipped = [b for b in batches if b not in fits]
+            if skipped:
+                _warn("{}: batch {} skipped: {}".format(entry["file"], ",".join(map(str, skipped)),
+                                                       "the engine has a static batch of {}".format(low) if low == high
+                                                       else "outside the engine's profile {}-{}".format(low, high)))
+            timings, free = {}, [f for f in [cuda_free_bytes()] if f is not None]
+            for batch in fits:
+                feed = {name: np.random.default_rng(0).standard_normal([batch] + sample).astype(np.float32)}
+                for _ in range(warmup):
+                    runner.infer(feed, check_inputs=False)
+                times = []
+                for _ in range(runs):
+                    runner.infer(feed, check_inputs=False)
+                    times.append(runner.last_inference_time() * 1e3)
+                timings[batch] = times
+                free += [f for f in [cuda_free_bytes()] if f is not None]
+                _note("  {} batch {}: median {:.3f} ms".format(entry["label"], batch, sorted(times)[len(times) // 2]),
+                      quiet)
+            top1 = comparison = None
+            size = max(fits) if fits else high
+            if data is not None:
+                x = prepare_eval_inputs(data[0], sample, (entry.get("meta") or {}).get("preprocessing"))
+                if data[1] is not None:
+                    top1 = evaluate_top1(runner, x, data[1], name, size, low)
+                onnx = (entry.get("meta") or {}).get("onnx")
+                reference = os.path.join(folder or os.path.dirname(entry["path"]), onnx) if onnx else None
+                if reference and os.path.isfile(reference):
+                    comparison = compare_with_ort(runner, reference, x, name, size, low)
+                    _note("  {} vs {}: top-1 agreement {:.2f} %".format(entry["label"], onnx,
+                                                                      comparison["top1_agreement"]), quiet)
+            device_memory = getattr(runner.engine, "device_memory_size_v2", None) or getattr(
+                runner.engine, "device_memory_size", None)
+    except (RuntimeError, OSError) as exc:  # Polygraphy's critical errors are PolygraphyException(RuntimeError)
+        raise BenchmarkFailed("{}: {}".format(entry["file"], str(exc).strip().splitlines()[-1] if str(exc).strip()
+                                              else type(exc).__name__))
     finally:
-        if session is not None:
-            session.close()
         stats = sampler.stop() if sampling else None
-    memory_delta = max(0, free_before - min(compute_free)) / MB
-    size_mb = entry["size_bytes"] / MB
-    rows = []
-    for batch in fits:
-        latency, throughput = latency_stats(timings[batch], batch)
-        rows.append(make_row(entry["label"], batch, size_mb, latency, throughput, top1, memory_delta))
+    memory = max(0, free_before - min(free)) / MB if free_before is not None and free else None
+    rows = [make_row(entry["label"], b, entry["size_bytes"] / MB, *latency_stats(timings[b], b), top1=top1,
+                     memory_mb=memory) for b in fits]
     details = {
         "label": entry["label"], "file": entry["file"], "precision_built": entry.get("precision_built"),
         "size_bytes": entry["size_bytes"], "device_memory_mb": device_memory / MB if device_memory else None,
-        "memory_delta_mb": memory_delta, "top1": top1, "skipped_batches": skipped, "tegrastats": stats,
-        "engine_trt_version": (entry.get("meta") or {}).get("tensorrt_version"),
+        "memory_delta_mb": memory, "top1": top1, "versus_onnxruntime": comparison, "skipped_batches": skipped,
+        "tegrastats": stats, "engine_trt_version": (entry.get("meta") or {}).get("tensorrt_version"),
     }
     return rows, details
 
@@ -1038,7 +935,6 @@ def build_arg_parser():
     p.add_argument("--no-tegrastats", action="store_true", help="do not sample tegrastats (Jetson RAM, power)")
     p.add_argument("--tegrastats-interval", type=int, default=100, metavar="MS",
                    help="tegrastats sampling interval in ms (default 100)")
-    p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
     p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -1059,11 +955,7 @@ def run(args):
     """Discover, measure, report; returns the report dict (raises UsageError / BenchmarkFailed)."""
     batches = parse_batches(args.batch)
     found = discover(args.paths, args.data)
-    trt = import_tensorrt()
-    try:
-        import numpy  # noqa: F401  (fail early, with one line)
-    except ImportError:
-        raise UsageError("NumPy is not installed: run jetson/setup.sh (pip install numpy)")
+    trt, pg = _engine_tools.import_backend()
     data = None
     if found["data"]:
         data = load_eval_data(found["data"])
@@ -1071,38 +963,34 @@ def run(args):
             data = (data[0][:args.limit], None if data[1] is None else data[1][:args.limit])
         if data[1] is None:
             _warn("{} has no labels ('y'): no top-1".format(found["data"]))
-    cuda = load_cuda(args.device)
-    try:
-        name, cc = cuda.device_properties()
-        jetson = jetson_facts()
-        device = name + (" (sm_{}{})".format(cc[0], cc[1]) if cc else "")
-        if jetson and jetson.get("model"):
-            device = "{} / {}".format(jetson["model"], device)
-        logger = _device.get_trt_logger(trt, args.verbose)
-        rows, engines = [], []
-        for entry in found["engines"]:
-            _note("{} ({}, {:.1f} MB)".format(entry["label"], entry["file"], entry["size_bytes"] / MB), args.quiet)
-            sampler = None if args.no_tegrastats else TegrastatsSampler(args.tegrastats_interval)
-            try:
-                try:
-                    engine_rows, details = bench_engine(trt, cuda, logger, entry, batches, args.warmup, args.runs,
-                                                        data, sampler, args.quiet)
-                except RuntimeError as exc:
-                    raise BenchmarkFailed("{}: {}".format(entry["file"], exc))
-            except BenchmarkFailed as exc:
-                # One stale engine (built by another TensorRT or GPU) must not hide the others' numbers.
-                sys.stderr.write("error: {}\n".format(exc))
-                engines.append({"label": entry["label"], "file": entry["file"], "error": str(exc)})
-                continue
-            rows.extend(engine_rows)
-            engines.append(details)
-    finally:
-        cuda.close()
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.VERBOSE if args.verbose else G_LOGGER.WARNING  # stdout is the table
+    gpu = _engine_tools.cuda_device()
+    jetson = jetson_facts()
+    cc = gpu["compute_capability"]
+    device = (gpu["name"] or "unknown GPU") + (" (sm_{}{})".format(*cc) if cc else "")
+    if jetson and jetson.get("model"):
+        device = "{} / {}".format(jetson["model"], device)
+    rows, engines = [], []
+    for entry in found["engines"]:
+        _note("{} ({}, {:.1f} MB)".format(entry["label"], entry["file"], entry["size_bytes"] / MB), args.quiet)
+        sampler = None if args.no_tegrastats else TegrastatsSampler(args.tegrastats_interval)
+        try:
+            engine_rows, details = bench_engine(trt, pg, entry, batches, args.warmup, args.runs, data, sampler,
+                                                args.quiet, found["folder"])
+        except BenchmarkFailed as exc:
+            # One stale engine (built by another TensorRT or GPU) must not hide the others' numbers.
+            sys.stderr.write("error: {}\n".format(exc))
+            engines.append({"label": entry["label"], "file": entry["file"], "error": str(exc)})
+            continue
+        rows.extend(engine_rows)
+        engines.append(details)
     return make_report(device, trt.__version__, rows, jetson=jetson, engines=engines,
                        data={"file": found["data"], "images": len(data[0]) if data else None},
                        settings={"batches": batches, "warmup": args.warmup, "runs": args.runs,
-                                 "timing": "CUDA events around host->device copy, execution, device->host copy",
-                                 "cuda": cuda.name})
+                                 "timing": "Polygraphy TrtRunner.infer: host->device copy, execution, "
+                                           "device->host copy, synchronised"})
 
 
 def main(argv=None):
@@ -1123,7 +1011,7 @@ def main(argv=None):
         sys.stdout.write(text)
         return code
     out = args.json_out or os.path.join(report_folder(args), DEFAULT_JSON)
-    _device.write_atomic(out, text)
+    _engine_tools.write_atomic(out, text)
     print(format_table(report))
     extra = format_tegrastats_table(report)
     if extra:
