@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.integration.shared_data import SHARED, import_model_file, mnist_npz  # noqa: E402
 from vitdeploy.backends.ort import OrtRunner  # noqa: E402
-from vitdeploy.measure.latency import measure_latency  # noqa: E402
+from vitdeploy.measure.core import latency_stats, random_feed, time_runner  # noqa: E402
 from vitdeploy.pipeline import BuildConfig, build  # noqa: E402
 from vitdeploy.report import table  # noqa: E402
 
@@ -54,7 +54,7 @@ def main() -> int:
         lat = {}
         for tag in ("fp32", "int8"):
             with OrtRunner(Path(record["output"]) / f"model.{tag}.onnx", threads=1) as runner:
-                lat[tag] = measure_latency(runner, batch=1, warmup=30, runs=300)["median_ms"]
+                lat[tag] = latency_stats(time_runner(runner, random_feed(runner, 1), 30, 300))["median"]
         for tag in ("fp32", "int8"):
             rows.append([name, tag.upper(), acc["images"], acc[f"{tag}_top1"],
                          100.0 if tag == "fp32" else acc["agreement"], record["files"][f"model.{tag}.onnx"] / 1e6,

@@ -45,6 +45,8 @@ __all__ = [
 BUILD_ENGINE_SOURCE = Path(__file__).parent / "trt" / "build_engine.py"
 #: The on-device benchmark copied next to it (standalone too; it loads build_engine.py from its folder).
 BENCHMARK_SOURCE = Path(__file__).parent / "trt" / "benchmark.py"
+#: The one measurement module (timing, statistics, tables), which benchmark.py loads as measure_core.py.
+MEASURE_CORE_SOURCE = Path(__file__).parent / "measure" / "core.py"
 #: The oldest TensorRT Polygraphy (and so build_engine.py and benchmark.py) runs on; JetPack 4.6 has 8.2.
 POLYGRAPHY_MIN_TRT = (8, 5)
 
@@ -312,8 +314,9 @@ def write_bundle(folder: Path, target: Target | str, onnx_model_path: Path,
         ranges = dict(amax) if amax is not None else calib_amax_from_qdq(onnx.load(str(onnx_path)))
         write_calib_cache(folder / "calib.cache", ranges, trt_version=calib_cache_version(target))
         written.append(folder / "calib.cache")
-    written.append(_copy_build_engine(folder))
+    written.append(_copy_script(BUILD_ENGINE_SOURCE, folder / "build_engine.py"))
     written.append(_copy_script(BENCHMARK_SOURCE, folder / "benchmark.py"))
+    written.append(_copy_script(MEASURE_CORE_SOURCE, folder / "measure_core.py"))
     commands = _Commands(target, onnx_path.name, shape, facts, max_batch, opt_batch)
     written.append(_write_text(folder / "trtexec.txt", commands.trtexec_text()))
     written.append(_write_text(folder / "DEPLOY.md",
@@ -409,8 +412,8 @@ def _deploy_markdown(target: Target, record: Mapping, commands: _Commands, has_c
                   "scales to its `--calib-cache` (`entropy.cache`)."]
     lines += ["- `build_engine.py`: builds the engine with Polygraphy (`jetson/setup.sh` installs it).",
               "- `benchmark.py`: times the engines in this folder (latency, throughput, memory) and, with an "
-              "`eval.npz`, their top-1 and agreement with ONNX Runtime; it loads `build_engine.py` from this "
-              "folder. `python3 benchmark.py --help`.",
+              "`eval.npz`, their top-1 and agreement with ONNX Runtime; it loads `build_engine.py` and "
+              "`measure_core.py` (timing, statistics, tables) from this folder. `python3 benchmark.py --help`.",
               "- `trtexec.txt`: the same build as `trtexec` command lines."]
     return "\n".join(lines) + "\n"
 
@@ -455,13 +458,8 @@ def _write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _copy_build_engine(folder: Path) -> Path:
-    """Copy the package's trt/build_engine.py into the bundle."""
-    return _copy_script(BUILD_ENGINE_SOURCE, folder / "build_engine.py")
-
-
 def _copy_script(source_path: Path, target: Path) -> Path:
-    """Copy one of the package's standalone trt/ scripts into the bundle."""
+    """Copy one of the package's standalone device scripts into the bundle."""
     if not source_path.is_file():
         raise BuildError(f"{source_path} is missing from the vitdeploy installation")
     with open(source_path, "rb") as source:

@@ -83,7 +83,7 @@ def run_demo(out: Path = Path("engines"), epochs: int = DEFAULT_EPOCHS) -> str:
     import torch
 
     from .backends.ort import OrtRunner
-    from .measure.latency import measure_latency
+    from .measure.core import latency_stats, random_feed, time_runner
     from .pipeline import BuildConfig, build
     from .report import table
 
@@ -100,11 +100,11 @@ def run_demo(out: Path = Path("engines"), epochs: int = DEFAULT_EPOCHS) -> str:
     rows, base = [], None
     for tag, label in (("fp32", "FP32"), ("int8", "INT8")):
         with OrtRunner(folder / f"model.{tag}.onnx", threads=1) as runner:
-            lat = measure_latency(runner, batch=1, warmup=20, runs=200)
+            lat = latency_stats(time_runner(runner, random_feed(runner, 1), warmup=20, runs=200))
         size = record["files"][f"model.{tag}.onnx"]
-        base = base or (size, lat["median_ms"])
-        rows.append([label, record["accuracy"][f"{tag}_top1"], size / 1e6, lat["median_ms"], lat["p99_ms"],
-                     f"{base[1] / lat['median_ms']:.2f}x", f"{base[0] / size:.2f}x"])
+        base = base or (size, lat["median"])
+        rows.append([label, record["accuracy"][f"{tag}_top1"], size / 1e6, lat["median"], lat["p99"],
+                     f"{base[1] / lat['median']:.2f}x", f"{base[0] / size:.2f}x"])
     acc = record["accuracy"]
     return "\n".join([
         f"vitdeploy demo: timm ViT ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters) trained on "

@@ -2,31 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
 
-
-def table(headers: Sequence[str], rows: List[Sequence], align: str = "") -> str:
-    """A GitHub-flavoured Markdown table (also readable as plain text in a terminal).
-
-    A "|" inside a cell is escaped ("\\|"): unescaped it would split the cell in two.
-    """
-    cells = [[_cell(h) for h in headers]] + [[_cell(_fmt(c)) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-    sep = "|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
-
-
-def _cell(text) -> str:
-    return str(text).replace("|", "\\|")
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
+from .measure.core import markdown_table as table  # the one table writer (the device benchmark's too)
 
 
 def _amax(value) -> str:

@@ -1,8 +1,9 @@
-"""TensorRT engines at run time: `TrtRunner` (Polygraphy's, behind our runner interface), engine
-metadata and portability checks.
+"""TensorRT engines at run time: `TrtRunner` (Polygraphy's, with vitdeploy's checks), engine metadata
+and portability checks.
 
     with TrtRunner("engines/vit/model.engine") as runner:
         logits = runner.infer({"input": batch})["logits"]
+        runner.last_inference_time()
 
 Engines are built on the device by ``vitdeploy/trt/build_engine.py`` and are not portable: one
 only loads in the TensorRT version that built it and only runs on that GPU architecture. The
@@ -17,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
-from .backends.base import Runner, TensorSpec
+from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
 from .errors import BuildError, InputError
 from .log import get_logger
 from .trt import build_engine as _engine_tools
@@ -246,19 +245,17 @@ def check_engine_compatible(meta: Mapping[str, Any], device_name: Optional[str],
 # ---------------------------------------------------------------------------------------------
 
 
-class TrtRunner(Runner):
-    """A serialized TensorRT engine on NumPy batches, by input/output name, through Polygraphy's TrtRunner.
+class TrtRunner(PolygraphyTrtRunner):
+    """Polygraphy's TrtRunner on a serialized engine, checked first against this GPU and TensorRT.
 
-    Before loading, the engine's ``<engine>.json`` (when there, or ``metadata``) is checked against this GPU
-    and TensorRT (`check_engine_compatible`), so a stale engine fails with the reason, not TensorRT's bare
-    deserialization error. ``last_latency_ms``: one `infer` (copies, execution, synchronisation).
+    The engine's ``<engine>.json`` (when there, or ``metadata``) is checked when the runner activates
+    (`check_engine_compatible`), so a stale engine fails with the reason as one-line `BuildError`, not
+    TensorRT's bare deserialization error; an engine built for a DLA core runs on it.
     """
-
-    name = "tensorrt"
 
     def __init__(self, engine_path: Union[str, Path], metadata: Union[str, Path, Mapping, None] = "auto",
                  check_compatibility: bool = True):
-        super().__init__()
+        self.is_active = False  # Polygraphy's __del__ reads it, also after a failed __init__
         try:
             self._trt, self._pg = _engine_tools.import_backend()
         except _engine_tools.UsageError as exc:
@@ -272,11 +269,9 @@ class TrtRunner(Runner):
         self.metadata = (validate_engine_metadata(dict(metadata)) if isinstance(metadata, Mapping)
                          else load_engine_metadata(metadata) if metadata is not None else None)
         self.check_compatibility = check_compatibility
-        self._runner = None
+        super().__init__(self._load, name=self.engine_path.name)
 
-    def activate_impl(self) -> None:
-        from polygraphy.backend.common import BytesFromPath
-
+    def _load(self):
         if self.metadata is not None and self.check_compatibility:
             gpu = _engine_tools.cuda_device()
             verdict = check_engine_compatible(self.metadata, gpu["name"], gpu["compute_capability"],
@@ -286,39 +281,8 @@ class TrtRunner(Runner):
             if not verdict.ok:
                 raise BuildError(f"{self.engine_path}: " + " ".join(verdict.errors))
         dla = ((self.metadata or {}).get("precision") or {}).get("dla_core")
-
-        def runtime():
-            rt = self._trt.Runtime(self._pg.get_trt_logger())
-            if dla is not None:
-                rt.DLA_core = dla
-            return rt
-
-        loader = self._pg.EngineFromBytes(BytesFromPath(str(self.engine_path)), runtime=runtime)
         try:
-            self._runner = self._pg.TrtRunner(loader).__enter__()
+            return _engine_tools.engine_loader(self._trt, self._pg, str(self.engine_path), dla)()
         except Exception as exc:  # noqa: BLE001 - Polygraphy raises its own exception type
             raise BuildError(f"TensorRT cannot load {self.engine_path}: {str(exc).strip().splitlines()[-1]}; "
                              f"{_REBUILD}") from None
-
-    def deactivate_impl(self) -> None:
-        if self._runner is not None:
-            self._runner.__exit__(None, None, None)
-            self._runner = None
-
-    def input_spec_impl(self) -> Dict[str, TensorSpec]:
-        return {name: TensorSpec(tuple(d if d >= 0 else None for d in shape), np.dtype(self._trt.nptype(dtype)))
-                for name, (shape, dtype) in self._io(self._trt.TensorIOMode.INPUT).items()}
-
-    def output_names(self) -> List[str]:
-        return list(self._io(self._trt.TensorIOMode.OUTPUT))
-
-    def _io(self, mode) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
-        engine = self._runner.engine
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        return {n: (tuple(engine.get_tensor_shape(n)), engine.get_tensor_dtype(n))
-                for n in names if engine.get_tensor_mode(n) == mode}
-
-    def infer_impl(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        outputs = self._runner.infer(feeds, check_inputs=False)
-        self.last_latency_ms = self._runner.last_inference_time() * 1e3
-        return {name: np.array(value) for name, value in outputs.items()}

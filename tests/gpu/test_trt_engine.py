@@ -18,6 +18,7 @@ pytestmark = pytest.mark.trt
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed: engines are built and run on the device")
 
 from vitdeploy.backends.ort import OrtRunner  # noqa: E402
+from vitdeploy.measure.core import image_input  # noqa: E402
 from vitdeploy.errors import BuildError  # noqa: E402
 from vitdeploy.runtime import TrtRunner, check_engine_compatible, load_engine_metadata  # noqa: E402
 from vitdeploy.trt import benchmark as bench  # noqa: E402
@@ -100,11 +101,11 @@ def test_build_run_and_match_onnxruntime(gpu, bundle, precision, onnx_kind, extr
                                                              trt.__version__).ok
     rng = np.random.default_rng(2)
     with TrtRunner(engine) as runner, OrtRunner(bundle[onnx_kind], qdq="float") as reference:
-        assert runner.input_spec()["input"].shape == (None, *SHAPE)
+        assert image_input(runner)[1] == (None, *SHAPE)
         for batch in (1, 5, MAX_BATCH):
             x = rng.uniform(-1, 1, size=(batch, *SHAPE)).astype(np.float32)
             got, want = runner.infer({"input": x})["logits"], reference.infer({"input": x})["logits"]
-            assert got.shape == (batch, CLASSES) and runner.last_latency_ms > 0
+            assert got.shape == (batch, CLASSES) and runner.last_inference_time() > 0
             np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)  # INT8 GEMM / TF32 vs float Q/DQ
 
 

@@ -35,7 +35,7 @@ ONNX_FOR = {"jetson-tx2": "model.fp32.onnx", "jetson-xavier": "model.int8.onnx",
             "jetson-orin": "model.int8.onnx", "desktop": "model.int8.fp16.onnx"}
 TRT_TARGETS = list(ONNX_FOR)
 SHAPE = (3, 16, 16)
-BUNDLE_FILES = {"calib.npy", "calib.cache", "build_engine.py", "benchmark.py", "trtexec.txt",
+BUNDLE_FILES = {"calib.npy", "calib.cache", "build_engine.py", "benchmark.py", "measure_core.py", "trtexec.txt",
                 "DEPLOY.md"}
 
 
@@ -263,6 +263,7 @@ def test_bundled_benchmark_is_the_package_script_and_runs_without_tensorrt(bundl
     """DEPLOY.md says `python3 benchmark.py .`: the bundle carries the script, and it explains itself."""
     folder = bundles["jetson-xavier"].folder
     assert (folder / "benchmark.py").read_bytes() == bundle.BENCHMARK_SOURCE.read_bytes()
+    assert (folder / "measure_core.py").read_bytes() == bundle.MEASURE_CORE_SOURCE.read_bytes()
     result = subprocess.run([sys.executable, "benchmark.py", "--help"], cwd=folder,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

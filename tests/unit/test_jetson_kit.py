@@ -316,11 +316,12 @@ def test_discover_errors(tmp_path):
         bench.discover([str(tmp_path)], data=str(tmp_path / "none.npz"))
 
 
-def test_parse_batches():
-    assert bench.parse_batches("8,1, 8") == [1, 8]
-    for bad in ("0", "a", "", "1,-2", "1.5"):
-        with pytest.raises(bench.UsageError):
-            bench.parse_batches(bad)
+def test_benchmark_uses_vitdeploys_measurement_module():
+    """Loaded by path (as in a bundle or from jetson/), benchmark.py finds ../measure/core.py: one definition."""
+    assert Path(bench.core.__file__).resolve() == ROOT / "vitdeploy" / "measure" / "core.py"
+    assert bench.core.parse_batches("8,1, 8", bench.UsageError) == [1, 8]
+    with pytest.raises(bench.UsageError):
+        bench.core.parse_batches("0", bench.UsageError)
 
 
 def test_eval_data_and_preprocessing(tmp_path):
@@ -348,23 +349,14 @@ def test_eval_data_and_preprocessing(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_latency_stats_match_numpy():
-    times = list(np.random.default_rng(1).gamma(4.0, 0.5, size=201))
-    latency, throughput = bench.latency_stats(times, batch=8)
-    assert latency["median"] == pytest.approx(np.median(times))
-    assert latency["p90"] == pytest.approx(np.percentile(times, 90))
-    assert latency["p99"] == pytest.approx(np.percentile(times, 99))
-    assert throughput == pytest.approx(8 * 1000 / np.median(times))
-
-
 def _rows():
-    lat = lambda m: {"median": m, "p90": m * 1.1, "p99": m * 1.3}  # noqa: E731
+    times = lambda m: [m, m, m, m * 1.1, m * 1.3]  # noqa: E731 - median m, p90 1.22 m, p99 1.292 m
     return [
-        bench.make_row("fp32", 1, 12.0, lat(4.0), 250.0, top1=81.5, memory_mb=40.0),
-        bench.make_row("fp16", 1, 6.0, lat(2.0), 500.0, top1=81.4, memory_mb=25.0),
-        bench.make_row("int8", 1, 3.0, lat(1.6), 625.0, top1=80.9, memory_mb=18.0),
-        bench.make_row("fp32", 8, 12.0, lat(16.0), 500.0, top1=81.5, memory_mb=60.0),
-        bench.make_row("int8", 8, 3.0, lat(4.0), 2000.0, top1=80.9, memory_mb=30.0),
+        bench.core.make_row("fp32", 1, 12.0, times(4.0), top1=81.5, memory_mb=40.0),
+        bench.core.make_row("fp16", 1, 6.0, times(2.0), top1=81.4, memory_mb=25.0),
+        bench.core.make_row("int8", 1, 3.0, times(1.6), top1=80.9, memory_mb=18.0),
+        bench.core.make_row("fp32", 8, 12.0, times(16.0), top1=81.5, memory_mb=60.0),
+        bench.core.make_row("int8", 8, 3.0, times(4.0), top1=80.9, memory_mb=30.0),
     ]
 
 
@@ -383,38 +375,15 @@ def test_report_relative_columns_and_json_shape():
 
 
 def test_format_table():
-    report = bench.make_report("d", "10.3.0", _rows() + [bench.make_row("int8 DLA0", 1, 3.5, {
-        "median": 2.0, "p90": 2.1, "p99": 2.2}, 500.0)])
+    report = bench.make_report("d", "10.3.0", _rows() + [bench.core.make_row("int8 DLA0", 1, 3.5, [2.0, 2.0, 2.2])])
     lines = bench.format_table(report).splitlines()
     assert lines[0].startswith("| precision | batch | top-1 % | size (MB) | latency median (ms) |")
     assert re.match(r"^\|-+\|(-+:\|)+$", lines[1])
     assert len(lines) == 2 + 6 and len({len(line) for line in lines}) == 1  # aligned
     cells = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert cells == ["INT8", "1", "80.90", "3.00", "1.600", "1.760", "2.080", "625.0", "18.0", "2.50x", "4.00x"]
+    assert cells == ["INT8", "1", "80.90", "3.00", "1.600", "1.952", "2.067", "625.0", "18.0", "2.50x", "4.00x"]
     dla = [c.strip() for c in lines[-1].strip("|").split("|")]
-    assert dla[0] == "int8 DLA0" and dla[2] == bench.missing_mark() == dla[8]
-    assert bench.missing_mark() in ("\u2014", "-")
-
-
-def test_markdown_table_matches_vitdeploy_report_table():
-    from vitdeploy.report import table
-
-    rows = [["FP32", "1", "12.00"], ["INT8", "8", "3.00"]]
-    assert bench.markdown_table(["precision", "batch", "size (MB)"], rows) == \
-        table(["precision", "batch", "size (MB)"], rows)
-
-
-def test_markdown_tables_escape_pipes_inside_cells():
-    """"max |Δlogit|" as a header must stay one column: every line keeps one unescaped "|" per border."""
-    import re
-
-    from vitdeploy.report import table
-
-    headers, rows = ["model", "max |Δlogit|"], [["a|b", "0.05"]]
-    for text in (table(headers, rows), bench.markdown_table(headers, rows)):
-        assert all(len(re.findall(r"(?<!\\)\|", line)) == 3 for line in text.splitlines())
-        assert "max \\|Δlogit\\|" in text and "a\\|b" in text
-    assert table(headers, rows) == bench.markdown_table(headers, rows)
+    assert dla[0] == "int8 DLA0" and dla[2] == bench.core.missing_mark() == dla[8]
 
 
 def test_format_tegrastats_table():
@@ -455,7 +424,7 @@ def test_without_tensorrt_exits_2_with_one_line(script, fake_bundle):
 
 @pytest.mark.parametrize("argv, message", [
     ([], "no engines in"),
-    (["--batch", "0"], "--batch takes positive integers"),
+    (["--batch", "0"], "--batch takes comma-separated positive integers"),
     (["--runs", "0"], "--runs >= 1"),
 ])
 def test_usage_errors_exit_2_with_one_line(tmp_path, argv, message):

@@ -1,33 +1,30 @@
-"""A PyTorch module behind the runner interface: the reference the exported graphs are checked against."""
+"""A PyTorch module as a Polygraphy runner: the reference the exported graphs are checked against."""
 from __future__ import annotations
 
-from typing import Dict
+import time
 
-import numpy as np
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.datatype import DataType
 
-from .base import Runner, TensorSpec
 
-
-class TorchRunner(Runner):
-    name = "torch"
-
+class TorchRunner(BaseRunner):
     def __init__(self, model, input_name: str, output_name: str, input_size):
-        super().__init__()
+        super().__init__(name="torch")
         self.model, self.input_name, self.output_name = model, input_name, output_name
         self.input_size = tuple(input_size)
 
     def activate_impl(self) -> None:
         self.model.eval()
 
-    def deactivate_impl(self) -> None:
-        pass
+    def get_input_metadata_impl(self):
+        return TensorMetadata().add(self.input_name, DataType.FLOAT32, (None,) + self.input_size)
 
-    def input_spec_impl(self) -> Dict[str, TensorSpec]:
-        return {self.input_name: TensorSpec((None,) + self.input_size, np.dtype(np.float32))}
-
-    def infer_impl(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def infer_impl(self, feed_dict):
         import torch
 
+        start = time.perf_counter()
         with torch.no_grad():
-            out = self.model(torch.from_numpy(feeds[self.input_name]))
+            out = self.model(torch.from_numpy(feed_dict[self.input_name]))
+        self.inference_time = time.perf_counter() - start
         return {self.output_name: out.numpy()}

@@ -37,7 +37,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..log import get_logger
-from .latency import latency_stats
+from . import core
+from .core import add_ratios, markdown_table as _table
 
 log = get_logger(__name__)
 
@@ -79,13 +80,7 @@ class Measurement:
 
 def parse_batches(text: str) -> List[int]:
     """``"1,8"`` → ``[1, 8]`` (sorted, unique); InputError for anything but positive integers."""
-    try:
-        values = sorted({int(v) for v in str(text).replace(" ", "").split(",") if v})
-    except ValueError:
-        raise InputError(f"--batch takes comma-separated positive integers (e.g. 1,8), got {text!r}") from None
-    if not values or values[0] < 1:
-        raise InputError(f"--batch takes comma-separated positive integers (e.g. 1,8), got {text!r}")
-    return values
+    return core.parse_batches(text, InputError)
 
 
 def default_threads() -> int:
@@ -247,55 +242,22 @@ def preprocessing_for(artifacts: Sequence[Artifact]) -> Dict[Path, dict]:
 def assemble_rows(measurements: Iterable[Measurement]) -> List[dict]:
     """One JSON-ready row per measurement, with speed-up and size ratio against the FP32 row of the
     same backend and batch (None when there is none)."""
-    measurements = list(measurements)
-    rows = []
-    for m in measurements:
-        lat = latency_stats(m.times_ms)
-        rows.append({
-            "artifact": str(m.artifact.path), "label": m.artifact.name, "backend": m.artifact.backend,
-            "precision": m.artifact.precision, "batch": m.batch, "top1": m.top1,
-            "size_mb": m.artifact.size_bytes / 1e6, "latency_ms": lat,
-            "throughput_ips": m.batch * 1e3 / lat["median"] if lat["median"] > 0 else None,
-            "memory_mb": m.memory_mb, "speedup_vs_fp32": None, "size_ratio_vs_fp32": None, **m.extra,
-        })
-    add_ratios(rows)
-    return rows
-
-
-def add_ratios(rows: List[dict]) -> List[dict]:
-    """Fill ``speedup_vs_fp32`` (FP32 median / this median) and ``size_ratio_vs_fp32`` (FP32 size /
-    this size) from the first FP32 row of the same backend and batch; in place, also returned."""
-    reference: Dict[Tuple[str, int], dict] = {}
-    for row in rows:
-        if row["precision"] == "fp32":
-            reference.setdefault((row["backend"], row["batch"]), row)
-    for row in rows:
-        ref = reference.get((row["backend"], row["batch"]))
-        if ref is None:
-            row["speedup_vs_fp32"] = row["size_ratio_vs_fp32"] = None
-            continue
-        median = row["latency_ms"]["median"]
-        row["speedup_vs_fp32"] = ref["latency_ms"]["median"] / median if median > 0 else None
-        row["size_ratio_vs_fp32"] = ref["size_mb"] / row["size_mb"] if row["size_mb"] > 0 else None
-    return rows
+    return add_ratios([core.make_row(m.artifact.precision, m.batch, m.artifact.size_bytes / core.MB, m.times_ms,
+                                     top1=m.top1, memory_mb=m.memory_mb, artifact=str(m.artifact.path),
+                                     label=m.artifact.name, backend=m.artifact.backend, **m.extra)
+                       for m in measurements])
 
 
 TABLE_HEADERS = ["artifact", "backend", "precision", "batch", "top-1 %", "size (MB)", "median (ms)", "p90 (ms)",
                  "p99 (ms)", "throughput (img/s)", "memory (MB)", "speed-up", "size ratio"]
 
 
-def _ratio(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.2f}x"
-
-
 def markdown_table(rows: Sequence[dict]) -> str:
-    from ..report import table
-
     body = [[r.get("label") or Path(r["artifact"]).name, r["backend"], r["precision"].upper(), r["batch"], r["top1"],
              r["size_mb"], r["latency_ms"]["median"], r["latency_ms"]["p90"], r["latency_ms"]["p99"],
-             r["throughput_ips"], r["memory_mb"], _ratio(r["speedup_vs_fp32"]), _ratio(r["size_ratio_vs_fp32"])]
+             r["throughput_ips"], r["memory_mb"], core.fmt(r["speedup_vs_fp32"], 2, "x"), core.fmt(r["size_ratio_vs_fp32"], 2, "x")]
             for r in rows]
-    return table(TABLE_HEADERS, body)
+    return _table(TABLE_HEADERS, body)
 
 
 def bench_json(rows: Sequence[dict], threads: int, device: str, **extra) -> dict:
@@ -434,7 +396,7 @@ def _cuda_free_bytes() -> Optional[int]:
 def engine_device_memory_bytes(runner) -> Optional[int]:
     """The engine's own device (activation scratch) memory: TensorRT 10's ``device_memory_size_v2``
     or 8.x's ``device_memory_size``."""
-    engine = getattr(getattr(runner, "_runner", None), "engine", None)
+    engine = getattr(runner, "engine", None)
     for attr in ("device_memory_size_v2", "device_memory_size"):
         value = getattr(engine, attr, None)
         if value is not None:
@@ -469,27 +431,8 @@ class _Worker:
             self.runner = OrtRunner(self.path, threads=self.threads).__enter__()
         return {"gpu": self.gpu}
 
-    def _feed(self, batch: int) -> Dict[str, np.ndarray]:
-        (name, spec), = self.runner.input_spec().items()
-        if not spec.shape:
-            raise InputError(f"input '{name}' is a scalar, not a batch of images")
-        if spec.shape[0] is not None and spec.shape[0] != batch:
-            raise InputError(f"its input has a fixed batch of {spec.shape[0]}")
-        if any(d is None for d in spec.shape[1:]):
-            raise InputError(f"input '{name}' has dynamic dimensions besides the batch: {list(spec.shape)}")
-        shape = (batch,) + tuple(spec.shape[1:])
-        x = np.random.default_rng(0).standard_normal(shape)
-        return {name: x.astype(spec.dtype)}
-
     def time(self, batch: int, runs: int, warmup: int) -> List[float]:
-        feeds = self._feed(batch)
-        for _ in range(warmup):
-            self.runner.infer(feeds)
-        times = []
-        for _ in range(runs):
-            self.runner.infer(feeds)
-            times.append(float(self.runner.last_latency_ms))
-        return times
+        return core.time_runner(self.runner, core.random_feed(self.runner, batch), warmup, runs)
 
     def memory(self) -> dict:
         if self.backend != BACKEND_TRT:

@@ -6,9 +6,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..backends.base import Runner
 from ..data import ImageSet
 from ..log import progress
+from .core import image_input
 
 
 @dataclasses.dataclass
@@ -32,11 +32,12 @@ class Predictions:
         return int(len(self.logits))
 
 
-def predict(runner: Runner, images: ImageSet, batch_size: int = 128, desc: str = "evaluate") -> Predictions:
-    (input_name,) = runner.input_spec()
+def predict(runner, images: ImageSet, batch_size: int = 128, desc: str = "evaluate") -> Predictions:
+    """Logits of a Polygraphy runner (OrtRunner, TrtRunner, TorchRunner) over ``images``."""
+    input_name = image_input(runner)[0]
     outputs, labels = [], []
     for x, y in progress(images.batches(batch_size), desc, total=images.num_batches(batch_size)):
-        outputs.append(next(iter(runner.infer({input_name: x}).values())).astype(np.float32))
+        outputs.append(next(iter(runner.infer({input_name: x}, check_inputs=False).values())).astype(np.float32))
         if y is not None:
             labels.append(y)
     return Predictions(np.concatenate(outputs), np.concatenate(labels) if labels else None)

@@ -42,25 +42,29 @@ import threading
 import time
 
 
-def _import_sibling(name):
-    """``name``.py from this file's folder. This script runs as ``python3 benchmark.py`` in a bundle, by path
-    from jetson/ and as ``vitdeploy.trt.benchmark``: neither sys.path nor a relative import finds it in all three."""
-    if __package__ and __package__ in sys.modules:  # vitdeploy.trt.benchmark: share the package's module
-        return importlib.import_module(__package__ + "." + name)
-    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), name + ".py")
-    if not os.path.isfile(path):
-        message = "{} needs {} next to it (deploy bundles carry both)".format(__file__, path)
+def _import_standalone(module, *paths):
+    """vitdeploy's ``module`` when this runs inside the package (``vitdeploy.trt.benchmark``), else the first of
+    ``paths`` (relative to this file) that exists: this script also runs as ``python3 benchmark.py`` in a
+    bundle and by path from jetson/, where neither sys.path nor a relative import finds it."""
+    if __package__ and __package__ in sys.modules:
+        return importlib.import_module(module)
+    here = os.path.dirname(os.path.realpath(__file__))
+    found = [p for p in (os.path.join(here, p) for p in paths) if os.path.isfile(p)]
+    if not found:
+        message = "{} needs {} next to it (deploy bundles carry it)".format(__file__, paths[0])
         if __name__ == "__main__":  # run as a script: one line and exit 2, like any other missing piece
             sys.stderr.write("error: " + message + "\n")
             sys.exit(2)
         raise ImportError(message)
-    spec = importlib.util.spec_from_file_location("vitdeploy_trt_" + name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    spec = importlib.util.spec_from_file_location("vitdeploy_standalone_" + module.rsplit(".", 1)[-1], found[0])
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
-_engine_tools = _import_sibling("build_engine")  # the device-side basics live there; bundles carry both
+_engine_tools = _import_standalone("vitdeploy.trt.build_engine", "build_engine.py")  # the device-side basics
+#: Timing, statistics, rows and tables: vitdeploy's one measurement module (``bench`` uses it too).
+core = _import_standalone("vitdeploy.measure.core", "measure_core.py", os.path.join(os.pardir, "measure", "core.py"))
 UsageError = _engine_tools.UsageError  # a problem with the arguments, files or machine, in one line (exit 2)
 _warn = _engine_tools.warn
 
@@ -69,20 +73,15 @@ __all__ = [
     "ENGINE_FILES",
     "UsageError",
     "BenchmarkFailed",
-    "parse_batches",
     "discover",
     "parse_tegrastats",
     "summarize_tegrastats",
     "TegrastatsSampler",
     "parse_l4t_release",
     "jetpack_for_l4t",
-    "latency_stats",
-    "add_relative",
     "make_report",
     "format_table",
     "format_tegrastats_table",
-    "markdown_table",
-    "missing_mark",
     "prepare_eval_inputs",
     "build_arg_parser",
     "parse_args",
@@ -108,13 +107,13 @@ EVAL_FILES = ("eval.npz",)
 #: Default JSON output name, written into the bundle folder.
 DEFAULT_JSON = "benchmark.json"
 
-MB = 1e6
+MB = core.MB
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-class BenchmarkFailed(Exception):
+class BenchmarkFailed(_engine_tools.BuildFailed):
     """An engine could not be loaded or run (exit 1)."""
 
 
@@ -128,39 +127,6 @@ def _note(message, quiet=False):
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_batches(text):
-    """``"1,8"`` -> ``[1, 8]`` (sorted, unique); UsageError for anything but positive integers."""
-    batches = []
-    for piece in str(text).split(","):
-        piece = piece.strip()
-        if not piece:
-            continue
-        if not piece.isdigit() or int(piece) < 1:
-            raise UsageError("--batch takes positive integers separated by commas, got {!r}".format(text))
-        batches.append(int(piece))
-    if not batches:
-        raise UsageError("--batch needs at least one batch size, got {!r}".format(text))
-    return sorted(set(batches))
-
-
-def _read_json(path):
-    """A JSON file as a dict, or None when it is missing, unreadable or not an object."""
-    try:
-        with open(path, "r") as f:
-            value = json.load(f)
-    except (OSError, IOError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _precision_from_meta(meta):
-    """``"int8"`` / ``"fp16"`` / ``"fp32"`` / ``"strongly-typed"`` from model.engine.json, or None."""
-    precision = (meta or {}).get("precision")
-    if isinstance(precision, dict) and isinstance(precision.get("built"), str):
-        return precision["built"]
-    return None
-
-
 def _dla_core_from_meta(meta):
     precision = (meta or {}).get("precision")
     if isinstance(precision, dict) and isinstance(precision.get("dla_core"), int):
@@ -170,8 +136,8 @@ def _dla_core_from_meta(meta):
 
 def _engine_entry(path, precision=None):
     """One engine: file, size, metadata (``<engine>.json`` when readable) and its precision."""
-    meta = _read_json(path + ".json")
-    built = _precision_from_meta(meta)
+    meta = core.read_json(path + ".json")
+    built = core.engine_precision(meta)
     dla = _dla_core_from_meta(meta)
     if precision is None:
         precision = built
@@ -571,90 +537,17 @@ def jetson_facts(root="/"):
 # ---------------------------------------------------------------------------------------------
 
 
-def _percentile(ordered, q):
-    """Linear-interpolation percentile of a sorted list (NumPy's default method)."""
-    if not ordered:
-        return None
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def latency_stats(times_ms, batch):
-    """``{"median", "p90", "p99"}`` of per-run latencies (ms) and the throughput in images/s."""
-    ordered = sorted(float(t) for t in times_ms)
-    if not ordered:
-        raise ValueError("no timings")
-    median = _percentile(ordered, 50)
-    latency = {"median": median, "p90": _percentile(ordered, 90), "p99": _percentile(ordered, 99)}
-    return latency, (batch * 1000.0 / median if median > 0 else None)
-
-
-def add_relative(rows):
-    """Fill ``speedup_vs_fp32`` (FP32 median / this median, same batch) and
-    ``size_ratio_vs_fp32`` (FP32 size / this size); None where there is no FP32 row. Returns rows."""
-    fp32 = {}
-    for row in rows:
-        if row.get("precision") == "fp32" and row.get("batch") not in fp32:
-            fp32[row["batch"]] = row
-    for row in rows:
-        base = fp32.get(row.get("batch"))
-        median = (row.get("latency_ms") or {}).get("median")
-        base_median = (base or {}).get("latency_ms", {}).get("median") if base else None
-        row["speedup_vs_fp32"] = base_median / median if base_median and median else None
-        size, base_size = row.get("size_mb"), (base or {}).get("size_mb")
-        row["size_ratio_vs_fp32"] = base_size / size if base_size and size else None
-    return rows
-
-
-def make_row(precision, batch, size_mb, latency, throughput, top1=None, memory_mb=None):
-    """One measured row in the JSON shape (relative columns filled by `add_relative`)."""
-    return {"precision": precision, "batch": int(batch), "top1": top1, "size_mb": size_mb,
-            "latency_ms": dict(latency), "throughput_ips": throughput, "memory_mb": memory_mb,
-            "speedup_vs_fp32": None, "size_ratio_vs_fp32": None}
-
-
 def make_report(device, trt_version, rows, **extra):
     """The benchmark.json record: ``device``, ``trt_version``, ``rows`` (relative columns
     recomputed) and any ``extra`` keys (``jetson``, ``engines``, ``data``, ``settings``)."""
     report = {"schema": REPORT_SCHEMA, "device": device, "trt_version": trt_version,
-              "rows": add_relative([dict(r, latency_ms=dict(r.get("latency_ms") or {})) for r in rows])}
+              "rows": core.add_ratios([dict(r, latency_ms=dict(r.get("latency_ms") or {})) for r in rows])}
     report.update(extra)
     return report
 
 
-def missing_mark():
-    """What a table shows for "no value": an em dash like vitdeploy's reports, or "-" where stdout
-    cannot encode it (a C locale, e.g. a service or container without UTF-8)."""
-    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
-    try:
-        "\u2014".encode(encoding)
-    except (UnicodeEncodeError, LookupError):
-        return "-"
-    return "\u2014"
-
-
 def _fmt(value, digits=2, suffix=""):
-    if value is None:
-        return missing_mark()
-    if isinstance(value, float):
-        return "{:.{}f}{}".format(value, digits, suffix)
-    return "{}{}".format(value, suffix)
-
-
-def markdown_table(headers, rows):
-    """A GitHub-flavoured Markdown table, first column left-aligned, the others right-aligned
-    (the layout of vitdeploy.report.table; a "|" inside a cell is escaped)."""
-    cells = [[str(c).replace("|", "\\|") for c in row] for row in [headers] + list(rows)]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r):
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(r, widths))) + " |"
-
-    sep = "|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+    return core.fmt(value, digits, suffix, core.missing_mark())
 
 
 TABLE_HEADERS = ("precision", "batch", "top-1 %", "size (MB)", "latency median (ms)", "p90 (ms)", "p99 (ms)",
@@ -674,7 +567,7 @@ def format_table(report):
             _fmt(row.get("throughput_ips"), 1), _fmt(row.get("memory_mb"), 1),
             _fmt(row.get("speedup_vs_fp32"), 2, "x"), _fmt(row.get("size_ratio_vs_fp32"), 2, "x"),
         ])
-    return markdown_table(TABLE_HEADERS, body)
+    return core.markdown_table(TABLE_HEADERS, body, core.missing_mark())
 
 
 def _main_rail(power):
@@ -695,10 +588,10 @@ def format_tegrastats_table(report):
         rail = _main_rail(stats.get("power_mw_mean") or {})
         body.append([engine.get("label"), stats.get("samples"), _fmt(stats.get("ram_used_mb_max"), 0),
                      _fmt(stats.get("ram_delta_mb"), 0), _fmt(stats.get("gpu_load_pct_median"), 0),
-                     "{} {}".format(_fmt(stats["power_mw_mean"][rail], 0), rail) if rail else missing_mark()])
+                     "{} {}".format(_fmt(stats["power_mw_mean"][rail], 0), rail) if rail else None])
     if not body:
         return ""
-    return markdown_table(("engine", "samples", "RAM peak (MB)", "RAM rise (MB)", "GPU load median %",
+    return core.markdown_table(("engine", "samples", "RAM peak (MB)", "RAM rise (MB)", "GPU load median %",
                            "mean power (mW)"), body)
 
 
@@ -768,15 +661,7 @@ def cuda_free_bytes():
 
 def engine_runner(trt, pg, entry):
     """A Polygraphy TrtRunner for one engine file (on its DLA core when it was built for one)."""
-    from polygraphy.backend.common import BytesFromPath
-
-    def runtime():
-        rt = trt.Runtime(pg.get_trt_logger())
-        if entry.get("dla_core") is not None:
-            rt.DLA_core = entry["dla_core"]
-        return rt
-
-    return pg.TrtRunner(pg.EngineFromBytes(BytesFromPath(entry["path"]), runtime=runtime), name=entry["label"])
+    return pg.TrtRunner(_engine_tools.engine_loader(trt, pg, entry["path"], entry.get("dla_core")), name=entry["label"])
 
 
 def batch_range(trt, runner):
@@ -868,15 +753,9 @@ def bench_engine(trt, pg, entry, batches, warmup, runs, data=None, sampler=None,
             timings, free = {}, [f for f in [cuda_free_bytes()] if f is not None]
             for batch in fits:
                 feed = {name: np.random.default_rng(0).standard_normal([batch] + sample).astype(np.float32)}
-                for _ in range(warmup):
-                    runner.infer(feed, check_inputs=False)
-                times = []
-                for _ in range(runs):
-                    runner.infer(feed, check_inputs=False)
-                    times.append(runner.last_inference_time() * 1e3)
-                timings[batch] = times
+                timings[batch] = times = core.time_runner(runner, feed, warmup, runs)
                 free += [f for f in [cuda_free_bytes()] if f is not None]
-                _note("  {} batch {}: median {:.3f} ms".format(entry["label"], batch, sorted(times)[len(times) // 2]),
+                _note("  {} batch {}: median {:.3f} ms".format(entry["label"], batch, core.latency_stats(times)["median"]),
                       quiet)
             top1 = comparison = None
             size = max(fits) if fits else high
@@ -898,8 +777,8 @@ def bench_engine(trt, pg, entry, batches, warmup, runs, data=None, sampler=None,
     finally:
         stats = sampler.stop() if sampling else None
     memory = max(0, free_before - min(free)) / MB if free_before is not None and free else None
-    rows = [make_row(entry["label"], b, entry["size_bytes"] / MB, *latency_stats(timings[b], b), top1=top1,
-                     memory_mb=memory) for b in fits]
+    rows = [core.make_row(entry["label"], b, entry["size_bytes"] / MB, timings[b], top1=top1, memory_mb=memory)
+            for b in fits]
     details = {
         "label": entry["label"], "file": entry["file"], "precision_built": entry.get("precision_built"),
         "size_bytes": entry["size_bytes"], "device_memory_mb": device_memory / MB if device_memory else None,
@@ -953,7 +832,7 @@ def parse_args(argv=None):
 
 def run(args):
     """Discover, measure, report; returns the report dict (raises UsageError / BenchmarkFailed)."""
-    batches = parse_batches(args.batch)
+    batches = core.parse_batches(args.batch, UsageError)
     found = discover(args.paths, args.data)
     trt, pg = _engine_tools.import_backend()
     data = None
@@ -998,12 +877,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         report = run(args)
-    except UsageError as exc:
-        sys.stderr.write("error: {}\n".format(exc))
-        return EXIT_USAGE
-    except BenchmarkFailed as exc:
-        sys.stderr.write("error: {}\n".format(exc))
-        return EXIT_FAILED
+    except (UsageError, BenchmarkFailed) as exc:
+        return _engine_tools.report_error(exc)
     failed = [e for e in report["engines"] if e.get("error")]
     code = EXIT_FAILED if failed else EXIT_OK
     text = json.dumps(report, indent=2) + "\n"

@@ -51,11 +51,17 @@ class UsageError(Exception):
 
 
 class BuildFailed(Exception):
-    """TensorRT could not parse or build the model (exit 1)."""
+    """TensorRT could not parse or build the model (exit 1); the device benchmark's failures are ones too."""
 
 
 def warn(message):
     sys.stderr.write("warning: " + message + "\n")
+
+
+def report_error(exc):
+    """One ``error:`` line on stderr; the exit code of a `UsageError` (2) or a `BuildFailed` (1)."""
+    sys.stderr.write("error: {}\n".format(exc))
+    return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_BUILD_FAILED
 
 
 def write_atomic(path, data):
@@ -403,6 +409,20 @@ def _inputs(network, args):
     return name, shape
 
 
+def engine_loader(trt, pg, path, dla_core=None):
+    """A Polygraphy loader of the serialized engine at ``path``, deserialized on ``dla_core`` when it was built
+    for one (its runtime must name the core): what TrtRunner takes."""
+    from polygraphy.backend.common import BytesFromPath
+
+    def runtime():
+        rt = trt.Runtime(pg.get_trt_logger())
+        if dla_core is not None:
+            rt.DLA_core = dla_core
+        return rt
+
+    return pg.EngineFromBytes(BytesFromPath(path), runtime=runtime)
+
+
 def cuda_device():
     """``{"name", "compute_capability"}`` of CUDA device 0, from the libcudart Polygraphy loads."""
     import ctypes
@@ -584,12 +604,8 @@ def main(argv=None):
     try:
         _check_files(args)
         plan, meta = build(args, read_preprocessing(args.preprocessing) if args.preprocessing else None)
-    except UsageError as exc:
-        sys.stderr.write("error: {}\n".format(exc))
-        return EXIT_USAGE
-    except BuildFailed as exc:
-        sys.stderr.write("error: {}\n".format(exc))
-        return EXIT_BUILD_FAILED
+    except (UsageError, BuildFailed) as exc:
+        return report_error(exc)
     cc = meta["device"]["compute_capability"]
     batch = meta["batch_profile"]
     print("built {} ({:.1f} MiB, {}, {}) with TensorRT {} on {}{}; metadata in {}".format(
