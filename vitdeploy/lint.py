@@ -12,7 +12,6 @@ initializers and ``Constant`` nodes. Rule ids are stable and listed in `RULES`.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -20,9 +19,10 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from vitdeploy.errors import InputError
+from vitdeploy.export.graph import GraphIndex, Shape
+from vitdeploy.export.graph import attr as _attr
 from vitdeploy.targets import Target, get_target
 
 __all__ = ["RULES", "Violation", "lint_model", "lint_errors", "format_report"]
@@ -61,7 +61,6 @@ _SCORE_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity"}) | _QD
 # the Sub of a shifted softmax (vitdeploy's --shift), which `attention-softmax-shift` reports.
 _PROB_OPS = frozenset({"Cast", "Identity", "Dropout", "Sub"}) | _QDQ_OPS
 
-Shape = Tuple[Optional[int], ...]
 ModelLike = Union[onnx.ModelProto, str, "os.PathLike[str]"]
 
 
@@ -91,106 +90,6 @@ def _label(node: onnx.NodeProto) -> str:
     return f"{node.op_type}({first_output})"
 
 
-class _Graph:
-    """Read-only lookups over the top-level graph: producers, consumers, constants, shapes."""
-
-    def __init__(self, model: onnx.ModelProto, base_dir: Optional[Path]) -> None:
-        graph = model.graph
-        self.nodes: Sequence[onnx.NodeProto] = list(graph.node)
-        self._base_dir = base_dir
-        self._initializers = {t.name: t for t in graph.initializer}
-        self._producer = {}
-        self._consumers = defaultdict(list)
-        for node in self.nodes:
-            for out in node.output:
-                if out:
-                    self._producer[out] = node
-            for index, name in enumerate(node.input):
-                if name:
-                    self._consumers[name].append((node, index))
-        self._shapes = _collect_shapes(model)
-
-    def producer(self, name: str) -> Optional[onnx.NodeProto]:
-        """The node writing `name`, or None for graph inputs and initializers."""
-        return self._producer.get(name)
-
-    def consumers(self, name: str) -> list[Tuple[onnx.NodeProto, int]]:
-        """``(node, input_index)`` pairs reading `name`."""
-        return self._consumers.get(name, [])
-
-    def is_constant(self, name: str) -> bool:
-        """True for initializers and outputs of Constant nodes."""
-        if name in self._initializers:
-            return True
-        node = self._producer.get(name)
-        return node is not None and node.op_type == "Constant"
-
-    def const(self, name: str) -> Optional[np.ndarray]:
-        """The value of a constant tensor, or None when it is not constant or not readable."""
-        tensor = self._initializers.get(name)
-        if tensor is not None:
-            return self._tensor_value(tensor)
-        node = self._producer.get(name)
-        if node is not None and node.op_type == "Constant" and node.attribute:
-            return _constant_attr_value(node.attribute[0])
-        return None
-
-    def _tensor_value(self, tensor: onnx.TensorProto) -> Optional[np.ndarray]:
-        external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if external and self._base_dir is None:
-            return None  # data lives next to a file we were not given
-        try:
-            base = str(self._base_dir) if external else ""
-            return numpy_helper.to_array(tensor, base_dir=base)
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def shape(self, name: str) -> Optional[Shape]:
-        """Inferred shape of `name` (unknown dims as None), or None when even the rank is unknown."""
-        tensor = self._initializers.get(name)
-        if tensor is not None:
-            return tuple(int(d) for d in tensor.dims)
-        return self._shapes.get(name)
-
-
-def _constant_attr_value(attr: onnx.AttributeProto) -> Optional[np.ndarray]:
-    """Value of a Constant node's single attribute (value, value_float, value_ints, ...)."""
-    if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
-    if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-        return np.asarray(onnx.helper.get_attribute_value(attr))
-    return None  # sparse or string constants never hold a scale or a zero point
-
-
-def _collect_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
-    """Run ONNX shape inference and return ``{tensor name: shape}`` for every typed tensor.
-
-    A model shape inference chokes on (custom ops, inconsistent shapes) still gets linted: the
-    shape-dependent rules are simply skipped where no shape is known.
-    """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 -- any inference failure only means "shapes unknown"
-        inferred = model
-    graph = inferred.graph
-    shapes = {}
-    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
-        tensor_type = info.type.tensor_type
-        if tensor_type.HasField("shape"):
-            shapes[info.name] = tuple(
-                d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                for d in tensor_type.shape.dim)
-    return shapes
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    """An attribute's Python value, or `default` when absent."""
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
 def _optional_input(node: onnx.NodeProto, index: int) -> Optional[str]:
     """Name of an optional input, or None when omitted (absent or empty name)."""
     if len(node.input) > index and node.input[index]:
@@ -198,12 +97,12 @@ def _optional_input(node: onnx.NodeProto, index: int) -> Optional[str]:
     return None
 
 
-def _qdq_nodes(g: _Graph) -> list[onnx.NodeProto]:
+def _qdq_nodes(g: GraphIndex) -> list[onnx.NodeProto]:
     """Every QuantizeLinear/DequantizeLinear, in graph order (any domain)."""
     return [n for n in g.nodes if n.op_type in _QDQ_OPS]
 
 
-def _is_weight(g: _Graph, name: str) -> bool:
+def _is_weight(g: GraphIndex, name: str) -> bool:
     """A Q/DQ input is a weight when it is a constant, or a QuantizeLinear of a constant."""
     if g.is_constant(name):
         return True
@@ -211,7 +110,7 @@ def _is_weight(g: _Graph, name: str) -> bool:
     return node is not None and node.op_type == "QuantizeLinear" and g.is_constant(node.input[0])
 
 
-def _weight_shape(g: _Graph, name: str) -> Optional[Shape]:
+def _weight_shape(g: GraphIndex, name: str) -> Optional[Shape]:
     """Shape of the constant behind a (possibly Q'd) weight tensor."""
     shape = g.shape(name)
     if shape is None:
@@ -239,7 +138,7 @@ def _check_opset(model: onnx.ModelProto, target: Target) -> Iterator[Violation]:
         severity)
 
 
-def _check_zero_point(g: _Graph, target: Target) -> Iterator[Violation]:
+def _check_zero_point(g: GraphIndex, target: Target) -> Iterator[Violation]:
     """`zero-point`: TensorRT only implements symmetric signed INT8 (zero point 0, int8)."""
     if not target.is_tensorrt:
         return  # ONNX Runtime handles asymmetric and uint8 quantization
@@ -265,7 +164,7 @@ def _check_zero_point(g: _Graph, target: Target) -> Iterator[Violation]:
                             "; quantize symmetrically to int8 with zero point 0", _ERROR)
 
 
-def _check_scale(g: _Graph) -> Iterator[Violation]:
+def _check_scale(g: GraphIndex) -> Iterator[Violation]:
     """`scale-positive`: a zero, negative or non-finite scale produces garbage on every runtime."""
     for node in _qdq_nodes(g):
         scale = g.const(node.input[1]) if len(node.input) > 1 else None
@@ -281,7 +180,7 @@ def _check_scale(g: _Graph) -> Iterator[Violation]:
                             "recalibrate this tensor", _ERROR)
 
 
-def _check_activation_per_channel(g: _Graph, target: Target) -> Iterator[Violation]:
+def _check_activation_per_channel(g: GraphIndex, target: Target) -> Iterator[Violation]:
     """`activation-per-channel`: TensorRT only takes per-tensor scales for activations."""
     if not target.is_tensorrt:
         return
@@ -308,7 +207,7 @@ def _static_size(shape: Optional[Shape]) -> Optional[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _follow_transposes(g: _Graph, name: str) -> Iterator[Tuple[onnx.NodeProto, int, list]]:
+def _follow_transposes(g: GraphIndex, name: str) -> Iterator[Tuple[onnx.NodeProto, int, list]]:
     """Consumers of `name`, looking through Transposes: ``(node, input_index, perms so far)``."""
     stack = [(name, [])]
     while stack:
@@ -353,7 +252,7 @@ def _axis_before_transposes(axis: int, perms: list, rank: int) -> int:
     return axis
 
 
-def _check_weight_axis(g: _Graph, target: Target) -> Iterator[Violation]:
+def _check_weight_axis(g: GraphIndex, target: Target) -> Iterator[Violation]:
     """`weight-axis`: per-channel weight scales must run along the consumer's output channels.
 
     TensorRT refuses other axes for Conv/MatMul weights; ONNX Runtime computes them correctly
@@ -372,7 +271,7 @@ def _check_weight_axis(g: _Graph, target: Target) -> Iterator[Violation]:
         yield from _weight_axis_uses(g, node, axis, rank, wrong)
 
 
-def _weight_axis_uses(g: _Graph, dq: onnx.NodeProto, axis: int, rank: int,
+def _weight_axis_uses(g: GraphIndex, dq: onnx.NodeProto, axis: int, rank: int,
                       severity: str) -> Iterator[Violation]:
     """Compare `axis` of one per-channel weight DQ with every consumer it feeds."""
     for consumer, index, perms in _follow_transposes(g, dq.output[0]):
@@ -397,7 +296,7 @@ def _weight_axis_uses(g: _Graph, dq: onnx.NodeProto, axis: int, rank: int,
 # --------------------------------------------------------------------------------------------
 
 
-def _squared_base(g: _Graph, node: onnx.NodeProto) -> Optional[str]:
+def _squared_base(g: GraphIndex, node: onnx.NodeProto) -> Optional[str]:
     """The tensor `node` squares (``Pow(x, 2)`` or ``Mul(x, x)``), else None."""
     if node.op_type == "Pow" and len(node.input) == 2:
         exponent = g.const(node.input[1])
@@ -408,7 +307,7 @@ def _squared_base(g: _Graph, node: onnx.NodeProto) -> Optional[str]:
     return None
 
 
-def _check_layernorm(g: _Graph, target: Target) -> Iterator[Violation]:
+def _check_layernorm(g: GraphIndex, target: Target) -> Iterator[Violation]:
     """`layernorm-decomposed`: detect the variance term ``(x - ReduceMean(x))**2``.
 
     The pattern is keyed on its core -- a square (Pow 2 or Mul(d, d)) of ``Sub(x, ReduceMean(x))``
@@ -432,7 +331,7 @@ def _check_layernorm(g: _Graph, target: Target) -> Iterator[Violation]:
                         "with opset >= 17 so it becomes one LayerNormalization node", severity)
 
 
-def _check_int8_target(g: _Graph, target: Target) -> Iterator[Violation]:
+def _check_int8_target(g: GraphIndex, target: Target) -> Iterator[Violation]:
     """`int8-on-tx2`: one violation for the whole model, naming the first Q/DQ node."""
     nodes = _qdq_nodes(g)
     if nodes:
@@ -461,7 +360,7 @@ class _Attention:
                 ("softmax", self.context, 0), ("v", self.context, 1)]
 
 
-def _find_upstream(g: _Graph, name: str, op_type: str, through: frozenset,
+def _find_upstream(g: GraphIndex, name: str, op_type: str, through: frozenset,
                    depth: int = _MAX_WALK) -> Optional[onnx.NodeProto]:
     """First `op_type` node reached walking producers of `name` through `through` ops.
 
@@ -482,7 +381,7 @@ def _find_upstream(g: _Graph, name: str, op_type: str, through: frozenset,
     return None
 
 
-def _find_downstream_matmul(g: _Graph, name: str, depth: int = _MAX_WALK
+def _find_downstream_matmul(g: GraphIndex, name: str, depth: int = _MAX_WALK
                             ) -> Optional[onnx.NodeProto]:
     """The MatMul that reads `name` (through `_PROB_OPS`) as its left operand."""
     if depth <= 0:
@@ -497,7 +396,7 @@ def _find_downstream_matmul(g: _Graph, name: str, depth: int = _MAX_WALK
     return None
 
 
-def _attention_blocks(g: _Graph) -> Iterator[_Attention]:
+def _attention_blocks(g: GraphIndex) -> Iterator[_Attention]:
     """Every Softmax that sits between two MatMuls in the attention pattern."""
     for node in g.nodes:
         if node.op_type != "Softmax":
@@ -508,12 +407,12 @@ def _attention_blocks(g: _Graph) -> Iterator[_Attention]:
             yield _Attention(scores, node, context)
 
 
-def _has_dq(g: _Graph, name: str) -> bool:
+def _has_dq(g: GraphIndex, name: str) -> bool:
     """True when a DequantizeLinear feeds `name`, possibly through layout ops or a scale Mul/Div."""
     return _find_upstream(g, name, "DequantizeLinear", _LAYOUT_OPS | {"Mul", "Div"}) is not None
 
 
-def _shape_from_reshape(g: _Graph, name: str) -> Optional[Shape]:
+def _shape_from_reshape(g: GraphIndex, name: str) -> Optional[Shape]:
     """Shape of `name` read off a constant Reshape target, through a chain of Transposes.
 
     The fallback when shape inference could not follow the graph (custom ops upstream); 0 and -1
@@ -536,7 +435,7 @@ def _shape_from_reshape(g: _Graph, name: str) -> Optional[Shape]:
     return tuple(dims)
 
 
-def _q_shape(g: _Graph, block: _Attention) -> Optional[Shape]:
+def _q_shape(g: GraphIndex, block: _Attention) -> Optional[Shape]:
     """Shape of q (``[..., tokens, head]``), from inference or from Reshape constants."""
     q = block.scores.input[0]
     shape = g.shape(q)
@@ -547,7 +446,7 @@ def _q_shape(g: _Graph, block: _Attention) -> Optional[Shape]:
     return shape if shape is not None and len(shape) >= 2 else None
 
 
-def _check_attention(g: _Graph, target: Target) -> Iterator[Violation]:
+def _check_attention(g: GraphIndex, target: Target) -> Iterator[Violation]:
     """`attention-*`: what TensorRT's fused INT8 MHA kernel needs, for INT8 attention blocks.
 
     Blocks with no Q/DQ at all are meant to run in FP16 and are left alone. All three are
@@ -564,7 +463,7 @@ def _check_attention(g: _Graph, target: Target) -> Iterator[Violation]:
         yield from _attention_softmax_shift(g, block)
 
 
-def _attention_softmax_shift(g: _Graph, block: _Attention) -> Iterator[Violation]:
+def _attention_softmax_shift(g: GraphIndex, block: _Attention) -> Iterator[Violation]:
     """`attention-softmax-shift`: a Sub on the path from the Softmax to the second MatMul."""
     name = block.context.input[0]
     for _ in range(_MAX_WALK):
@@ -593,7 +492,7 @@ def _attention_qdq(block: _Attention, has: Mapping[str, bool]) -> Iterator[Viola
                             "runs unfused", _WARNING)
 
 
-def _attention_shape(g: _Graph, block: _Attention) -> Iterator[Violation]:
+def _attention_shape(g: GraphIndex, block: _Attention) -> Iterator[Violation]:
     """`attention-head-size` / `attention-tokens` from q's shape; silent where it is unknown."""
     shape = _q_shape(g, block)
     if shape is None:
@@ -650,7 +549,7 @@ def lint_model(model: ModelLike, target: Union[Target, str]) -> list[Violation]:
     """
     target = get_target(target)
     proto, base_dir = _load(model)
-    g = _Graph(proto, base_dir)
+    g = GraphIndex(proto, base_dir)
     found = list(_check_opset(proto, target))
     found += _check_layernorm(g, target)
     found += _check_scale(g)

@@ -27,6 +27,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ExportError
+from .graph import GraphIndex
+from .graph import attr as _attr
 
 __all__ = ["to_fp16", "FP16_MAX", "QDQ_FP16_OPSET"]
 
@@ -287,10 +289,7 @@ def _requantize_weights(graph: onnx.GraphProto,
 
 def _axis(node: onnx.NodeProto, rank: int) -> int:
     """A DequantizeLinear's ``axis`` attribute (default 1), made non-negative."""
-    for attr in node.attribute:
-        if attr.name == "axis":
-            return int(attr.i) % rank
-    return 1 % rank
+    return int(_attr(node, "axis", 1)) % rank
 
 
 def _broadcast_scale(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
@@ -341,24 +340,7 @@ def _tensor_to_fp16(tensor: onnx.TensorProto) -> onnx.TensorProto:
 # --------------------------------------------------------------------------------------------
 
 
-class _Names:
-    """Fresh tensor/node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self._used = {n.name for n in graph.node}
-        self._used.update(name for n in graph.node for name in list(n.input) + list(n.output))
-        self._used.update(t.name for t in list(graph.input) + list(graph.output))
-        self._used.update(t.name for t in graph.initializer)
-
-    def fresh(self, base: str) -> str:
-        name, counter = base, 1
-        while name in self._used:
-            name, counter = f"{base}_{counter}", counter + 1
-        self._used.add(name)
-        return name
-
-
-def _cast(names: _Names, source: str, target: str, to: int, label: str) -> onnx.NodeProto:
+def _cast(names: GraphIndex, source: str, target: str, to: int, label: str) -> onnx.NodeProto:
     kind = "Fp16" if to == _FLOAT16 else "Fp32"
     return helper.make_node("Cast", [source], [target], to=to, name=names.fresh(f"{label}/CastTo{kind}"))
 
@@ -366,7 +348,7 @@ def _cast(names: _Names, source: str, target: str, to: int, label: str) -> onnx.
 def _rebuild_nodes(graph: onnx.GraphProto, keep_ops: frozenset, fp32_slots: Mapping[int, List[int]],
                    types: Mapping[str, int], keep_io_fp32: bool) -> None:
     """The node list with every Cast inserted, in an order that stays topologically sorted."""
-    names = _Names(graph)
+    names = GraphIndex(graph)
     real_inputs = _real_inputs(graph)
     fp32_pinned = {i.name for i in graph.initializer if i.data_type == _FLOAT}
     fp16_tensors = _float_tensors_now_fp16(graph, types, keep_io_fp32)
@@ -429,7 +411,7 @@ def _float_tensors_now_fp16(graph: onnx.GraphProto, types: Mapping[str, int],
     return {name for name, t in types.items() if t == _FLOAT and name not in fp32}
 
 
-def _cast_outputs_back(node: onnx.NodeProto, types: Mapping[str, int], names: _Names,
+def _cast_outputs_back(node: onnx.NodeProto, types: Mapping[str, int], names: GraphIndex,
                        fp32_of: Dict[str, str]) -> List[onnx.NodeProto]:
     """Rename a float32 op's float outputs and cast them back to float16 under the old names."""
     casts = []
@@ -443,7 +425,7 @@ def _cast_outputs_back(node: onnx.NodeProto, types: Mapping[str, int], names: _N
     return casts
 
 
-def _cast_graph_outputs(graph: onnx.GraphProto, nodes: List[onnx.NodeProto], names: _Names,
+def _cast_graph_outputs(graph: onnx.GraphProto, nodes: List[onnx.NodeProto], names: GraphIndex,
                         keep_io_fp32: bool) -> List[onnx.NodeProto]:
     """With keep_io_fp32, each float output is computed under a new name and cast to float32."""
     if not keep_io_fp32:

@@ -47,9 +47,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from .graph import drop_unused_initializers
+from .graph import GraphIndex, attr as _attr, drop_unused_initializers
 
 __all__ = ["place_for_onnxruntime", "PlacementStats", "placement_stats", "set_metadata"]
 
@@ -106,32 +106,7 @@ def placement_stats(model: onnx.ModelProto) -> Dict[str, int]:
 
 # --------------------------------------------------------------------------------------------- helpers
 
-class _Graph:
-    """Index of a graph: initializers by name, producers and consumers of each tensor."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self.inits = {i.name: i for i in graph.initializer}
-        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in graph.output}
-        self.names: Optional[set] = None
-
-    def array(self, name: str) -> Optional[np.ndarray]:
-        init = self.inits.get(name)
-        return None if init is None else numpy_helper.to_array(init)
-
-    def add_initializer(self, name: str, array: np.ndarray) -> str:
-        if name not in self.inits:
-            init = numpy_helper.from_array(array, name)
-            self.graph.initializer.append(init)
-            self.inits[name] = init
-        return name
-
-
-def _qparams(g: _Graph, node: onnx.NodeProto) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def _qparams(g: GraphIndex, node: onnx.NodeProto) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """(scale, zero point) of a Q or DQ node when both are initializers, else None."""
     if len(node.input) < 3:
         return None
@@ -141,12 +116,12 @@ def _qparams(g: _Graph, node: onnx.NodeProto) -> Optional[Tuple[np.ndarray, np.n
     return scale, zp
 
 
-def _is_activation_pair(g: _Graph, q: onnx.NodeProto) -> bool:
+def _is_activation_pair(g: GraphIndex, q: onnx.NodeProto) -> bool:
     """Q on a dynamic tensor whose every consumer is a DQ with the same scale and zero point."""
     if q.op_type != "QuantizeLinear" or q.input[0] in g.inits or q.output[0] in g.outputs:
         return False
     params = _qparams(g, q)
-    users = g.consumers.get(q.output[0], [])
+    users = g.readers(q.output[0])
     if params is None or not users:
         return False
     axis = _attr(q, "axis", 1)
@@ -164,13 +139,6 @@ def _same(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray]) ->
             and np.array_equal(a[1], b[1]))
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
     for prop in model.metadata_props:
         if prop.key == key:
@@ -183,7 +151,7 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 
 def _merge_duplicate_quantizers(graph: onnx.GraphProto, stats: PlacementStats) -> None:
     """Keep the first of several activation Q nodes with the same input, scale and zero point."""
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     seen: Dict[Tuple, onnx.NodeProto] = {}
     drop = set()
     for node in graph.node:
@@ -195,7 +163,7 @@ def _merge_duplicate_quantizers(graph: onnx.GraphProto, stats: PlacementStats) -
         first = seen.setdefault(key, node)
         if first is node:
             continue
-        for dq in g.consumers.get(node.output[0], []):
+        for dq in g.readers(node.output[0]):
             dq.input[0] = first.output[0]
         drop.add(id(node))
         stats.quantizers_merged += 1
@@ -207,7 +175,7 @@ def _merge_duplicate_quantizers(graph: onnx.GraphProto, stats: PlacementStats) -
 
 def _activations_to_uint8(graph: onnx.GraphProto, stats: PlacementStats) -> None:
     """Symmetric INT8 activation Q/DQ → UINT8 with zero point 128, same scale (exact)."""
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     replaced = set()
     for node in list(graph.node):
         if not _is_activation_pair(g, node):
@@ -221,19 +189,15 @@ def _activations_to_uint8(graph: onnx.GraphProto, stats: PlacementStats) -> None
         new_zp = g.add_initializer(f"{node.input[2]}_u8", np.full(zp.shape, _UINT8_ZERO_POINT, dtype=np.uint8))
         replaced.add(node.input[2])
         node.input[2] = new_zp
-        for dq in g.consumers.get(node.output[0], []):
+        for dq in g.readers(node.output[0]):
             dq.input[2] = new_zp
         stats.activations_to_uint8 += 1
     drop_unused_initializers(graph, replaced)
 
 
-def _producer_map(graph: onnx.GraphProto) -> Dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output}
-
-
-def _weight_dq(g: _Graph, producer: Dict[str, onnx.NodeProto], tensor: str) -> Optional[onnx.NodeProto]:
+def _weight_dq(g: GraphIndex, tensor: str) -> Optional[onnx.NodeProto]:
     """The DequantizeLinear producing ``tensor`` from an INT8 initializer with zero points 0, else None."""
-    dq = producer.get(tensor)
+    dq = g.producer(tensor)
     if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
         return None
     params = _qparams(g, dq)
@@ -242,31 +206,17 @@ def _weight_dq(g: _Graph, producer: Dict[str, onnx.NodeProto], tensor: str) -> O
     return dq
 
 
-def _unique(g: _Graph, base: str) -> str:
-    """A tensor/node name not used anywhere in the graph yet."""
-    if g.names is None:
-        g.names = ({o for n in g.graph.node for o in n.output} | {n.name for n in g.graph.node} | set(g.inits)
-                   | {i.name for i in g.graph.input} | g.outputs)
-    name, k = base, 0
-    while name in g.names:
-        k += 1
-        name = f"{base}_{k}"
-    g.names.add(name)
-    return name
-
-
 def _gemm_bias_out(graph: onnx.GraphProto, stats: PlacementStats) -> None:
     """Gemm(DQ(x), DQ(w), C) → Gemm(DQ(x), DQ(w)) + Add(beta·C), so ONNX Runtime can build QGemm."""
-    g = _Graph(graph)
-    producer = _producer_map(graph)
+    g = GraphIndex(graph)
     new_nodes: Dict[int, onnx.NodeProto] = {}
     for index, node in enumerate(graph.node):
         if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
             continue
-        a = producer.get(node.input[0])
+        a = g.producer(node.input[0])
         if a is None or a.op_type != "DequantizeLinear" or _attr(node, "transA", 0):
             continue
-        if _weight_dq(g, producer, node.input[1]) is None:
+        if _weight_dq(g, node.input[1]) is None:
             continue
         beta = float(_attr(node, "beta", 1.0))
         bias = node.input[2]
@@ -274,15 +224,15 @@ def _gemm_bias_out(graph: onnx.GraphProto, stats: PlacementStats) -> None:
             c = g.array(bias)
             if c is None:
                 continue
-            bias = g.add_initializer(_unique(g, f"{bias}_beta"), (c.astype(np.float32) * np.float32(beta)))
+            bias = g.add_initializer(g.fresh(f"{bias}_beta"), (c.astype(np.float32) * np.float32(beta)))
         out = node.output[0]
-        product = _unique(g, f"{out}_no_bias")
+        product = g.fresh(f"{out}_no_bias")
         del node.input[2]
         node.output[0] = product
         for a in list(node.attribute):
             if a.name == "beta":
                 node.attribute.remove(a)
-        new_nodes[index] = helper.make_node("Add", [product, bias], [out], name=_unique(g, f"{node.name or out}/bias"))
+        new_nodes[index] = helper.make_node("Add", [product, bias], [out], name=g.fresh(f"{node.name or out}/bias"))
         stats.gemm_bias_moved += 1
     if new_nodes:
         nodes = []
@@ -306,15 +256,14 @@ def _static_shape(model: onnx.ModelProto, tensor: str) -> Optional[List[Optional
 def _patch_conv_to_matmul(model: onnx.ModelProto, stats: PlacementStats) -> None:
     """Quantized non-overlapping Conv (kernel == stride) → patchify + MatMul + Add + layout back."""
     graph = model.graph
-    g = _Graph(graph)
-    producer = _producer_map(graph)
+    g = GraphIndex(graph)
     candidates = []
     for index, node in enumerate(graph.node):
         if node.op_type != "Conv" or len(node.input) < 2:
             continue
-        x_dq = producer.get(node.input[0])
-        q = producer.get(x_dq.input[0]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
-        w_dq = _weight_dq(g, producer, node.input[1])
+        x_dq = g.producer(node.input[0])
+        q = g.producer(x_dq.input[0]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+        w_dq = _weight_dq(g, node.input[1])
         if q is None or q.op_type != "QuantizeLinear" or w_dq is None or not _is_activation_pair(g, q):
             continue
         kernel = list(_attr(node, "kernel_shape", []))
@@ -345,10 +294,10 @@ def _patch_conv_to_matmul(model: onnx.ModelProto, stats: PlacementStats) -> None
             continue
         hp, wp = shape[2] // kh, shape[3] // kw
         base = node.name or node.output[0]
-        const = lambda tag, v: g.add_initializer(_unique(g, f"{base}/{tag}"), np.asarray(v, dtype=np.int64))
-        t = lambda tag: _unique(g, f"{base}/{tag}")
+        const = lambda tag, v: g.add_initializer(g.fresh(f"{base}/{tag}"), np.asarray(v, dtype=np.int64))
+        t = lambda tag: g.fresh(f"{base}/{tag}")
         x, s, z = q.input[0], q.input[1], q.input[2]
-        w2 = g.add_initializer(_unique(g, f"{w_dq.input[0]}_as_matmul"),
+        w2 = g.add_initializer(g.fresh(f"{w_dq.input[0]}_as_matmul"),
                                np.ascontiguousarray(weight.reshape(out_ch, in_ch * kh * kw).T))
         w_scale, w_zp = w_dq.input[1], w_dq.input[2]
         r1, tr, r2, pq, pdq, wdq, mm = t("patches6d"), t("patches_t"), t("patches"), t("patches_q"), \

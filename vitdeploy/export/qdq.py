@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .graph import drop_unused_initializers
+from .graph import GraphIndex, drop_unused_initializers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,21 +221,15 @@ class _Editor:
 
     def __init__(self, model: onnx.ModelProto):
         self.model, self.graph = model, model.graph
-        self.inits = {init.name: init for init in self.graph.initializer}
+        self.index = GraphIndex(model)
+        self._constant = self.index.add_initializer
         self.fingerprints = _fingerprints(self.graph)
         self.before: Dict[int, List[onnx.NodeProto]] = {}
         self.after: Dict[int, List[onnx.NodeProto]] = {}
         self.replaced: set = set()
 
-    def _constant(self, name: str, array: np.ndarray) -> str:
-        if name not in self.inits:
-            init = numpy_helper.from_array(array, name)
-            self.graph.initializer.append(init)
-            self.inits[name] = init
-        return name
-
     def quantize_weight(self, index: int, node, input_index: int, axis: int, scale: np.ndarray, base: str) -> None:
-        w = numpy_helper.to_array(self.inits[node.input[input_index]]).astype(np.float32)
+        w = self.index.array(node.input[input_index]).astype(np.float32)
         q = self._constant(f"{base}.weight_quantized", quantize_weight(w, scale, axis))
         s = self._constant(f"{base}.weight_scale", scale.astype(np.float32))
         z = self._constant(f"{base}.weight_zero_point", np.zeros_like(scale, dtype=np.int8))
@@ -286,7 +280,7 @@ class _Editor:
             other = [i for i, t in enumerate(add.input) if t != node.output[0]]
             old_name = self._initializer_behind(add.input[other[0]]) if len(other) == 1 else None
             if old_name is not None:
-                old = numpy_helper.to_array(self.inits[old_name])
+                old = self.index.array(old_name)
                 if old.size == bias.size:  # the Linear's own bias Add
                     self.replaced.add(old_name)
                     add.input[other[0]] = name
@@ -304,9 +298,8 @@ class _Editor:
         (cloned encoder layers, zero-initialised biases) share one, the second behind an Identity.
         Missing that once added the folded bias *beside* the old one (nn.TransformerEncoder, shift on).
         """
-        producers = {out: n for n in self.graph.node for out in n.output}
-        while tensor not in self.inits:
-            node = producers.get(tensor)
+        while tensor not in self.index.inits:
+            node = self.index.producer(tensor)  # Identity outputs are never renamed by the edits
             if node is None or node.op_type != "Identity":
                 return None
             tensor = node.input[0]
