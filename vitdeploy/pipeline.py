@@ -153,7 +153,7 @@ def build(cfg: BuildConfig) -> dict:
             raise InputError("--recover-epochs trains with cross-entropy: the calibration images need labels "
                              "(class folders, or an .npz with y)")
         with stage("recover"):
-            recovery, prepared = _recover(model, prepared, qmodel, layers, quantized, calib, eval_images, cfg)
+            recovery = _recover(prepared, qmodel, layers, quantized, calib, eval_images, cfg)
 
     out_dir = output.final
     with stage("write"), output.write() as tmp:
@@ -162,11 +162,8 @@ def build(cfg: BuildConfig) -> dict:
             batch = fixed_batch(fp32_proto)
             if batch is not None:  # the model would not export batch-dynamic (export_fp32 said so)
                 cfg = dataclasses.replace(cfg, max_batch=batch)
-            if prepared is not model:  # channel rescaling changed FP32 weights: Q/DQ goes into their export
-                fp32_proto = export_fp32(prepared, spec, tmp / "model.prepared.onnx",
-                                         opset=max(cfg.opset, DEFAULT_OPSET))
-                (tmp / "model.prepared.onnx").unlink()
-            amax = _export_int8(fp32_proto, qmodel, target, tmp) if qmodel is not None else None
+            amax = (_export_int8(qmodel, spec, fp32_proto, max(cfg.opset, DEFAULT_OPSET), target, tmp)
+                    if qmodel is not None else None)
             violations = _lint(tmp, target)
         with stage("verify"):
             verification = _verify(qmodel, model, spec, calib, tmp, cfg, target)
@@ -218,15 +215,14 @@ def warn_fewer_images(asked: int, available: int, source) -> None:
                     available)
 
 
-def _export_int8(fp32_proto, qmodel, target, folder: Path) -> dict:
-    """model.int8.onnx for the target (FP16 strongly typed for desktop) and its activation ranges."""
+def _export_int8(qmodel, spec, fp32_proto, opset: int, target, folder: Path) -> dict:
+    """model.int8.onnx for the target (FP16 strongly typed for desktop) and its activation ranges: the
+    fake-quant model's own export (its quantizers are the Q/DQ), exported like model.fp32.onnx."""
     from .bundle import calib_amax_from_qdq
     from .export.onnx_export import save_model
-    from .export.qdq import attention_quant_from_module, insert_qdq, layer_quant_from_module
-    from .quantize.apply import quantized_attentions, quantized_layers
+    from .export.qdq import export_int8
 
-    proto = insert_qdq(fp32_proto, {n: layer_quant_from_module(m) for n, m in quantized_layers(qmodel).items()},
-                       {n: attention_quant_from_module(m) for n, m in quantized_attentions(qmodel).items()})
+    proto = export_int8(qmodel, spec, fp32_proto, opset)
     amax = calib_amax_from_qdq(proto)  # named after the TensorRT-style graph's tensors, before any rewrite
     if target.qdq_placement == "onnxruntime":  # cpu: the placement ONNX Runtime's kernels run fastest
         from .export.ort_placement import place_for_onnxruntime
@@ -403,19 +399,14 @@ def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
     return qmodel, prepared, record, time.perf_counter() - start
 
 
-def _recover(model, prepared, qmodel, layers, quantized, calib, eval_images, cfg: BuildConfig):
-    """--recover: block reconstruction of ``qmodel`` in place; (build.json "recovery", the FP32 model to export).
+def _recover(prepared, qmodel, layers, quantized, calib, eval_images, cfg: BuildConfig):
+    """--recover: block reconstruction of ``qmodel`` in place (it exports itself); build.json's "recovery".
 
-    The learned weights lie on the INT8 grid but are new FP32 values, so the Q/DQ pass must find them
-    in the FP32 export: the returned model is ``prepared`` with the recovered weights written in.
     After each stage the model is measured on --eval-data when given, else on the verification
     images (seen by the recovery: agreement there says the stages work, not how well they generalise).
     """
-    import copy
-
     import torch
 
-    from .quantize.apply import quantized_layers
     from .recover import recover
 
     probe = eval_images if eval_images is not None else calib.subset(range(min(cfg.verify_images, len(calib))))
@@ -442,20 +433,7 @@ def _recover(model, prepared, qmodel, layers, quantized, calib, eval_images, cfg
     result = recover(prepared, qmodel, layers, quantized, images, cfg.recover, after_stage=measure,
                      labels=calib_labels)
     result["before"] = before
-    # The quantized layers' weights go into the FP32 model the Q/DQ pass starts from (their biases
-    # reach the graph through the pass itself, layer_quant_from_module); with --recover-epochs every
-    # other parameter the two share by name too (norms, embeddings). Biases are left out on purpose:
-    # the exporter shares equal initializers through Identity nodes, so writing learned biases into
-    # the FP32 export would change the node count, which recovery must not do.
-    recovered = copy.deepcopy(prepared)
-    learned = dict(qmodel.named_parameters())
-    layer_weights = {f"{name}.weight" for name in quantized_layers(qmodel)}
-    with torch.no_grad():
-        for name, p in recovered.named_parameters():
-            take = name in layer_weights or (cfg.recover.epochs > 0 and not name.endswith(".bias"))
-            if take and name in learned and learned[name].shape == p.shape:
-                p.copy_(learned[name])
-    return result, recovered
+    return result
 
 
 def _verify(qmodel, model, spec: ModelSpec, calib, folder: Path, cfg: BuildConfig, target) -> dict:

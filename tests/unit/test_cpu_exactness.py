@@ -29,7 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vitdeploy import cpu_isa
 from vitdeploy.export.ort_placement import place_for_onnxruntime
-from vitdeploy.export.qdq import insert_qdq, layer_quant_from_module
+from vitdeploy.artifacts import ModelSpec
+from vitdeploy.export.qdq import export_int8
 from vitdeploy.lint import lint_errors, lint_model
 from vitdeploy.measure.kernel_check import check_integer_kernels
 from vitdeploy.quantize.layers import QuantLinear
@@ -46,17 +47,6 @@ def _weights() -> np.ndarray:
     return (np.sign(rng.standard_normal((N, K))) * 0.5).astype(np.float32)
 
 
-def _fp32_model(weight: np.ndarray) -> onnx.ModelProto:
-    """x[1, n, K] @ Wᵀ + b, laid out like a ViT's token MatMul (a 2-D one would become a float Gemm)."""
-    inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "fc.weight_t"),
-             numpy_helper.from_array(np.full(N, 0.1, np.float32), "fc.bias")]
-    nodes = [helper.make_node("MatMul", ["x", "fc.weight_t"], ["mm"], name="fc/MatMul"),
-             helper.make_node("Add", ["mm", "fc.bias"], ["y"], name="fc/Add")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", N])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def exported(target: str, input_mode: str = "int8") -> onnx.ModelProto:
     """The crafted layer as the exporter writes it for ``target`` (cpu: placed for ONNX Runtime)."""
     weight = _weights()
@@ -70,7 +60,10 @@ def exported(target: str, input_mode: str = "int8") -> onnx.ModelProto:
         q.input_quantizer.set_range(-1.0, 1.5)   # a non-zero zero point
     else:
         q.input_quantizer.set_amax(1.0)
-    model = insert_qdq(_fp32_model(weight), {"fc": layer_quant_from_module(q)})
+    # x[1, N, K] @ Wᵀ + b, laid out like a ViT's token MatMul (a 2-D one would become a float Gemm).
+    spec = ModelSpec(name="fc", input_size=(N, K), mean=(0.0,), std=(1.0,), num_classes=N, input_name="x",
+                     output_name="y")
+    model = export_int8(q, spec, onnx.ModelProto())
     if get_target(target).qdq_placement == "onnxruntime":
         model = place_for_onnxruntime(model)
     return model

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from vitdeploy.export.qdq import _scope, find_attention_patterns
+from vitdeploy.export.graph import GraphIndex
 
 BASE = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
             norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
@@ -53,22 +53,36 @@ def test_variant_builds_for_tensorrt(variant, calib, tmp_path):
     assert heads and all(precision[n] == "fp16" for n in heads)
     for block in range(2):
         assert precision[f"blocks.{block}.attn.matmul_qk"] == precision[f"blocks.{block}.attn.matmul_av"] == "int8"
-    fp32 = onnx.load(str(out / "model.fp32.onnx")).graph
-    int8 = onnx.load(str(out / "model.int8.onnx")).graph
-    producer = {o: n for n in int8.node for o in n.output}
-    by_name = {n.name: n for n in int8.node}
-    quantized = {}
-    for _, mm2 in find_attention_patterns(fp32):     # softmax·v: does its softmax input come through Q/DQ?
-        name = fp32.node[mm2].name
-        quantized[_scope(name)] = producer[by_name[name].input[0]].op_type == "DequantizeLinear"
+    quantized = softmax_outputs_quantized(onnx.load(str(out / "model.int8.onnx")))
     expected = {"blocks.0.attn": True, "blocks.1.attn": True}
     if variant == "attention_pool":
         expected["attn_pool"] = False      # no twin: its softmax·v stays FP, the blocks' are INT8
     assert quantized == expected
 
 
-@pytest.mark.parametrize("name, scope", [("/blocks/blocks.0/attn/MatMul_1", "blocks.0.attn"),
-                                         ("/layers.0.0/fn/MatMul", "layers.0.0.fn"),
-                                         ("/attn_pool/MatMul", "attn_pool"), ("MatMul_3", "")])
+def _scope(node_name: str) -> str:
+    """Module path from a TorchScript-exporter node name: '/blocks/blocks.0/attn/Softmax' → 'blocks.0.attn'."""
+    path = ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        path = part if path and part.startswith(path + ".") else (f"{path}.{part}" if path else part)
+    return path
+
+
+def softmax_outputs_quantized(model: onnx.ModelProto) -> dict:
+    """{attention module path: whether its softmax output reaches the softmax·v MatMul through Q/DQ}."""
+    g = GraphIndex(model)
+    found = {}
+    for softmax in (n for n in g.nodes if n.op_type == "Softmax"):
+        tensor, through = softmax.output[0], []
+        while len(g.readers(tensor)) == 1 and g.readers(tensor)[0].op_type != "MatMul":
+            through.append(g.readers(tensor)[0].op_type)
+            tensor = g.readers(tensor)[0].output[0]
+        found[_scope(softmax.name)] = "DequantizeLinear" in through
+    return found
+
+
+@pytest.mark.parametrize("name, scope", [("/blocks/blocks.0/attn/Softmax", "blocks.0.attn"),
+                                         ("/layers.0.0/fn/Softmax", "layers.0.0.fn"),
+                                         ("/attn_pool/Softmax", "attn_pool"), ("Softmax_3", "")])
 def test_scope_from_node_name(name, scope):
     assert _scope(name) == scope

@@ -119,9 +119,8 @@ class GraphIndex:
     def add_initializer(self, name: str, array: np.ndarray) -> str:
         """Add ``array`` as initializer ``name`` unless one of that name exists; returns the name."""
         if name not in self.inits:
-            tensor = numpy_helper.from_array(np.asarray(array), name)
-            self.graph.initializer.append(tensor)
-            self.inits[name] = tensor
+            self.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+            self.inits[name] = self.graph.initializer[-1]   # append copies: index the graph's own message
         return name
 
 

@@ -2,7 +2,8 @@
 
 The TorchScript-based exporter is used on purpose: it names nodes after module paths
 (``/blocks/blocks.0/attn/qkv/MatMul``), keeps LayerNormalization whole at opset ≥ 17 and is stable
-across torch releases; the Q/DQ pass finds layers by their weights, not by these names.
+across torch releases. The INT8 file is the fake-quant model's own export (`export_like`): its
+quantizers export as QuantizeLinear/DequantizeLinear themselves (export/qdq.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from ..log import get_logger
 log = get_logger(__name__)
 
 DEFAULT_OPSET = 17
+#: Metadata naming how a file was exported, so the INT8 file is exported the same way as the FP32 one.
+EXPORTER_KEY = "vitdeploy.exporter"
+TORCHSCRIPT, STRICT, BATCH_ONE = "torchscript", "torch.export", "torchscript, batch 1"
 
 
 def export_fp32(model, spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -31,8 +35,9 @@ def export_fp32(model, spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET) 
     silently computes wrong, at any other batch. Then strict ``torch.export`` (which follows
     ``len(x)`` symbolically) is tried, through the dynamo exporter; if that fails too, the file is
     exported at batch 1 with a one-line warning, and everything downstream runs it one image at a time.
+    `export_like` exports the quantized model the same way.
     """
-    proto = _export_torchscript(model, spec, opset, batch=2, dynamic=True)
+    proto, exporter = _export_torchscript(model, spec, opset, batch=2, dynamic=True), TORCHSCRIPT
     problem = batch_problem(proto, model, spec)
     if problem:
         try:
@@ -42,14 +47,34 @@ def export_fp32(model, spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET) 
             second = str(exc)
         if not second:
             log.info("the TorchScript export baked the batch in (%s): exported with torch.export instead", problem)
-            proto = candidate
+            proto, exporter = candidate, STRICT
         else:
             log.warning("%s cannot be exported with a dynamic batch (%s; torch.export: %s): it is exported for batch "
                         "1 and run one image at a time", spec.name, problem, second)
-            proto = _export_torchscript(model, spec, opset, batch=1, dynamic=False)
+            proto, exporter = _export_torchscript(model, spec, opset, batch=1, dynamic=False), BATCH_ONE
     proto.producer_name = "vitdeploy"
+    onnx.helper.set_model_props(proto, {EXPORTER_KEY: exporter})
     save_model(proto, path)
     return proto
+
+
+def export_like(model, spec: ModelSpec, reference: onnx.ModelProto, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """``model`` (the fake-quant twin) exported the way `export_fp32` exported ``reference`` (its
+    ``vitdeploy.exporter`` metadata): TorchScript with a dynamic batch, strict torch.export, or batch 1."""
+    exporter = exporter_of(reference)
+    if exporter == STRICT:
+        proto = _export_strict(model, spec, opset)
+    else:
+        proto = _export_torchscript(model, spec, opset, batch=1 if exporter == BATCH_ONE else 2,
+                                    dynamic=exporter != BATCH_ONE)
+    proto.producer_name = "vitdeploy"
+    onnx.helper.set_model_props(proto, {EXPORTER_KEY: exporter})
+    return proto
+
+
+def exporter_of(proto: onnx.ModelProto) -> str:
+    """How `export_fp32` exported ``proto``: TORCHSCRIPT (also for files without the record), STRICT or BATCH_ONE."""
+    return {p.key: p.value for p in proto.metadata_props}.get(EXPORTER_KEY, TORCHSCRIPT)
 
 
 def fixed_batch(proto: onnx.ModelProto) -> Optional[int]:

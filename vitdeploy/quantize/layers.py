@@ -60,7 +60,9 @@ class QuantLinear(_QuantMixin, nn.Linear):
         shift = getattr(self, "input_shift", None)
         if shift is None:
             return F.linear(self.input_quantizer(x), weight, self.bias)
-        return F.linear(self.input_quantizer(x - shift), weight, self.folded_bias(weight))
+        # While exporting, the bias is already folded (export/qdq.py): one initializer, not W_q·z in the graph.
+        bias = self.bias if getattr(self, "bias_is_folded", False) else self.folded_bias(weight)
+        return F.linear(self.input_quantizer(x - shift), weight, bias)
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):

@@ -12,12 +12,41 @@ range always contains 0, so a zero stays exactly zero, as ONNX Runtime's own qua
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from .calibrators import MinMaxCalibrator, make_calibrator
+
+
+#: Set by `exporting`: quantizers then compute through ops the ONNX exporters write as
+#: QuantizeLinear/DequantizeLinear -- torch's fake-quantize ops for the TorchScript exporter, PT2E's
+#: quantized_decomposed ops for torch.export (which has no fake-tensor kernel for the former). A flag
+#: of our own: torch.export traces before the ONNX export starts, so torch.onnx.is_in_onnx_export()
+#: would not say so there.
+_EXPORTING: Optional[str] = None   # None, "torchscript" or "torch.export"
+
+
+@contextlib.contextmanager
+def exporting(model: nn.Module, exporter: str = "torchscript") -> Iterator[None]:
+    """The quantizers of ``model`` as exportable Q/DQ while the block runs (export/qdq.py). Per-tensor
+    scales and zero points become Python numbers first: read from a buffer inside the trace, torch.export
+    would take them for data-dependent values."""
+    global _EXPORTING
+    if exporter == "torch.export":
+        import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the quantized_decomposed ops
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    for q in quantizers:
+        q._export_qparams = (float(q.scale), int(q.zero_point)) if q.axis is None and q.amax is not None else None
+    before, _EXPORTING = _EXPORTING, exporter
+    try:
+        yield
+    finally:
+        _EXPORTING = before
+        for q in quantizers:
+            q._export_qparams = None
 
 
 def int_range(num_bits: int):
@@ -134,13 +163,47 @@ class TensorQuantizer(nn.Module):
             self._calibrator.collect(x.detach())
             return x
         if self.enabled and self.per_token:
+            if _EXPORTING:
+                raise RuntimeError("per-token activation scales are a simulation: TensorRT and ONNX QDQ take "
+                                   "one per tensor")
             scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / self.qmax
             return fake_quantize(x, scale, self.num_bits)
         if not self.enabled or self.amax is None:
             return x
+        if _EXPORTING:
+            return self._exported(x)
         if self.unsigned:
             return fake_quantize_unsigned(x, self.scale, torch.tensor(float(self.zero_point)), self.num_bits)
         return fake_quantize(x, self.scale, self.num_bits, self.axis)
+
+    def _exported(self, x: torch.Tensor) -> torch.Tensor:
+        """The same numbers through torch's fake-quantize ops, which both ONNX exporters write as
+        QuantizeLinear → DequantizeLinear with this scale and zero point. ONNX codes are int8 or uint8:
+        a narrower signed range (7-bit weights, exact on AVX2) clips x to it first, in the graph
+        (constant, so the Q/DQ fold computes it for weights)."""
+        lo, hi = (uint_range if self.unsigned else int_range)(self.num_bits)
+        scale = self.scale
+        per_channel = self.axis is not None
+        if per_channel:
+            scale = scale.reshape(-1)
+        if not self.unsigned and self.num_bits < 8:
+            step = scale.reshape([-1 if d == self.axis % x.dim() else 1 for d in range(x.dim())]) if per_channel else scale
+            x = torch.minimum(torch.maximum(x, step * lo), step * hi)
+            lo, hi = int_range(8)
+        if _EXPORTING == "torch.export":
+            ops, dtype = torch.ops.quantized_decomposed, torch.uint8 if lo == 0 else torch.int8
+            if per_channel:
+                zero = torch.zeros(scale.numel(), dtype=torch.int64)
+                q = ops.quantize_per_channel.default(x, scale, zero, self.axis, lo, hi, dtype)
+                return ops.dequantize_per_channel.default(q, scale, zero, self.axis, lo, hi, dtype)
+            scale, zero = self._export_qparams
+            q = ops.quantize_per_tensor.default(x, scale, zero, lo, hi, dtype)
+            return ops.dequantize_per_tensor.default(q, scale, zero, lo, hi, dtype)
+        if per_channel:
+            zero = torch.zeros(scale.numel(), dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(x, scale, zero, self.axis, lo, hi)
+        scale, zero = self._export_qparams
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
 
     def extra_repr(self) -> str:
         state = "calib" if self.calibrating else ("on" if self.enabled else "off")

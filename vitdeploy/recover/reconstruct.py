@@ -235,8 +235,8 @@ def _fine_tune(qmodel: nn.Module, learn: _Learnables, images, labels, settings: 
     """Every parameter, by cross-entropy on the labels; the rounding decisions stay fixed (hard), the
     weights move through the straight-through floor. Returns the mean loss of each epoch."""
     learn.set_hard(True)
-    # Biases only of the quantized layers (the Q/DQ pass writes those); every other bias stays as it
-    # is, since the FP32 export shares equal ones through Identity nodes (see pipeline._recover).
+    # Biases only of the quantized layers; every other bias stays as it is: the exporter shares equal
+    # initializers through Identity nodes, so learning them apart would change the node count.
     own_bias = {f"{name}.bias" for name in learn.weights}
     params = [p for name, p in qmodel.named_parameters()
               if not name.endswith((".v", ".a", ".b", ".log_scale")) and (not name.endswith(".bias") or name in own_bias)]
