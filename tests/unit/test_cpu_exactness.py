@@ -25,7 +25,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from vitdeploy import cpu_isa
 from vitdeploy.export.ort_placement import place_for_onnxruntime
