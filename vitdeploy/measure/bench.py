@@ -121,15 +121,8 @@ def precision_from_onnx(model) -> str:
 
 def precision_from_engine_metadata(engine: Path) -> Optional[str]:
     """``precision.built`` of ``<engine>.json`` (``strongly-typed`` counts as int8 when it has Q/DQ)."""
-    from ..artifacts import read_json
-
     meta_path = Path(str(engine) + ".json")
-    if not meta_path.is_file():
-        return None
-    try:
-        built = (read_json(meta_path).get("precision") or {}).get("built")
-    except (OSError, ValueError, AttributeError):
-        return None
+    built = core.engine_precision(core.read_json(meta_path))
     if built in PRECISIONS:
         return built
     if built == "strongly-typed":
