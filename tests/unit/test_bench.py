@@ -171,7 +171,7 @@ def test_discover_folder_files_and_errors(tmp_path):
     with pytest.raises(InputError, match="no model"):
         discover([empty])
     (tmp_path / "weights.pt").write_bytes(b"")
-    with pytest.raises(InputError, match="expected an .onnx"):
+    with pytest.raises(InputError, match="expected .onnx / .engine"):
         discover([tmp_path / "weights.pt"])
 
 

@@ -114,4 +114,21 @@ def test_core_is_standalone_python38():
     tree = ast.parse(source, feature_version=(3, 8))
     top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
-    assert top <= {"json", "sys"} and not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
+    assert top <= {"glob", "json", "os", "re", "sys"} and not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
+
+
+def test_discover_orders_by_precision_and_names_each_file_once(tmp_path):
+    """One discovery for `bench` (build folders) and the device benchmark (bundles)."""
+    for name in ("model.int8.engine", "model.engine", "model.fp32.engine", "model.fp16.onnx", "notes.txt"):
+        (tmp_path / name).write_bytes(b"\0" * 3)
+    (tmp_path / "model.engine.json").write_text('{"precision": {"built": "fp16"}}')
+    entries, folders = core.discover([tmp_path, tmp_path / "model.int8.engine"], ("*.engine",), (".engine",))
+    assert [e["file"] for e in entries] == ["model.fp32.engine", "model.engine", "model.int8.engine"]
+    assert [e["precision"] for e in entries] == ["fp32", "fp16", "int8"] and folders == [str(tmp_path)]
+    assert entries[1]["meta"] == {"precision": {"built": "fp16"}} and entries[0]["size_bytes"] == 3
+    with pytest.raises(InputError, match="expected .engine"):
+        core.discover([tmp_path / "notes.txt"], ("*.engine",), (".engine",), InputError)
+    with pytest.raises(InputError, match="holds none of"):
+        core.discover([tmp_path], ("*.plan",), (".plan",), InputError)
+    with pytest.raises(InputError, match="not found"):
+        core.discover([tmp_path / "missing"], ("*.engine",), (".engine",), InputError)

@@ -28,7 +28,6 @@ import dataclasses
 import importlib.util
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -94,13 +93,7 @@ def default_threads() -> int:
     return max(1, int(cores or os.cpu_count() or 1))
 
 
-_NAME_PRECISION = re.compile(r"(?:^|[._-])(fp32|fp16|int8)(?=[._-]|$)", re.IGNORECASE)
-
-
-def precision_from_name(name: str) -> Optional[str]:
-    """``model.int8.onnx`` → ``int8``; the last precision token in the name wins; None if none."""
-    found = _NAME_PRECISION.findall(Path(name).name)
-    return found[-1].lower() if found else None
+precision_from_name = core.precision_from_name
 
 
 def precision_from_onnx(model) -> str:
@@ -163,35 +156,15 @@ def artifact_size_bytes(path: Path) -> int:
     return size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
-def _precision_rank(a: Artifact) -> Tuple[int, str]:
-    return (PRECISIONS.index(a.precision) if a.precision in PRECISIONS else len(PRECISIONS), a.path.name)
-
-
 def discover(paths: Sequence[Path]) -> Tuple[List[Artifact], List[Path]]:
     """Artifacts for the given files and build folders, and the build folders seen.
 
-    A folder contributes its ``model.*.onnx`` and ``*.engine`` files (FP32 first); InputError for a
-    missing path, an unknown file type or a folder without any.
+    A folder contributes its ``model.*.onnx`` and ``*.engine`` files (FP32 first; `core.discover`, the
+    device benchmark's too); InputError for a missing path, an unknown file type or a folder without any.
     """
-    artifacts: List[Artifact] = []
-    folders: List[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files = sorted(set(path.glob("model.*.onnx")) | set(path.glob("*.engine")))
-            files = [f for f in files if f.is_file() and not f.name.startswith(".")]
-            if not files:
-                raise InputError(f"{path} holds no model.*.onnx or *.engine to benchmark")
-            found = [_artifact(f) for f in files]
-            artifacts.extend(sorted(found, key=_precision_rank))
-            folders.append(path)
-        elif path.is_file():
-            if path.suffix not in (".onnx", ".engine"):
-                raise InputError(f"cannot benchmark {path}: expected an .onnx model, a .engine or a build folder")
-            artifacts.append(_artifact(path))
-        else:
-            raise InputError(f"not found: {path}")
-    return _unique_labels(artifacts), folders
+    entries, folders = core.discover(paths, ("model.*.onnx", "*.engine"), (".onnx", ".engine"), InputError,
+                                     empty="{folder} holds no model.*.onnx or *.engine to benchmark")
+    return _unique_labels([_artifact(Path(e["path"])) for e in entries]), [Path(f) for f in folders]
 
 
 def _artifact(path: Path) -> Artifact:

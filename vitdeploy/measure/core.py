@@ -8,7 +8,10 @@ Runners are Polygraphy runners (``OnnxrtRunner``, ``TrtRunner`` and vitdeploy's 
 ``infer(feed_dict, check_inputs=False)`` and ``last_inference_time()`` in seconds.
 """
 
+import glob
 import json
+import os
+import re
 import sys
 
 MB = 1e6   # sizes and memory are in MB = 10^6 bytes everywhere
@@ -37,6 +40,60 @@ def engine_precision(meta):
     precision = (meta or {}).get("precision")
     built = precision.get("built") if isinstance(precision, dict) else None
     return built if isinstance(built, str) else None
+
+
+# --------------------------------------------------------------------------------------------- discovery
+
+PRECISIONS = ("fp32", "fp16", "int8")   # table order
+_NAME_PRECISION = re.compile(r"(?:^|[._-])(fp32|fp16|int8)(?=[._-]|$)", re.IGNORECASE)
+
+
+def precision_from_name(name):
+    """``model.int8.onnx`` -> ``int8``: the last precision token in a file name, or None."""
+    found = _NAME_PRECISION.findall(os.path.basename(str(name)))
+    return found[-1].lower() if found else None
+
+
+def discover(paths, patterns, suffixes, error=ValueError, empty="{folder} holds none of {patterns}"):
+    """The artifacts to measure: in each folder of ``paths`` the files matching ``patterns``, and each file
+    given that ends in one of ``suffixes``; every file once. ``(entries, folders)``; an entry has ``path``,
+    ``file``, ``size_bytes``, ``meta`` (an engine's ``<engine>.json``, None if unreadable) and ``precision``
+    (from the name, else the engine's metadata). A folder's files come in `PRECISIONS` order, the file
+    named for its precision first. ``error`` (an exception class) for a missing path, a file of another
+    kind or a folder holding none (``empty``, formatted with ``folder`` and ``patterns``)."""
+    entries, folders, seen = [], [], set()
+    for raw in paths:
+        path = str(raw)
+        if os.path.isdir(path):
+            found = {f for p in patterns for f in glob.glob(os.path.join(path, p))
+                     if os.path.isfile(f) and not os.path.basename(f).startswith(".")}
+            if not found:
+                raise error(empty.format(folder=path, patterns=", ".join(patterns)))
+            folders.append(path)
+            files = sorted((_entry(f) for f in found), key=_rank)
+        elif os.path.isfile(path):
+            if not path.endswith(tuple(suffixes)):
+                raise error("cannot benchmark {}: expected {} or a folder of them".format(path, " / ".join(suffixes)))
+            files = [_entry(path)]
+        else:
+            raise error("not found: {}".format(path))
+        for entry in files:
+            if os.path.realpath(entry["path"]) not in seen:
+                seen.add(os.path.realpath(entry["path"]))
+                entries.append(entry)
+    return entries, folders
+
+
+def _entry(path):
+    meta = read_json(path + ".json") if path.endswith(".engine") else None
+    return {"path": path, "file": os.path.basename(path), "size_bytes": os.path.getsize(path), "meta": meta,
+            "precision": precision_from_name(path) or engine_precision(meta)}
+
+
+def _rank(entry):
+    precision = entry["precision"]
+    return (PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS),
+            precision_from_name(entry["file"]) is None, entry["file"])
 
 
 # --------------------------------------------------------------------------------------------- timing

@@ -4,8 +4,9 @@
     python3 benchmark.py [BUNDLE_DIR | ENGINE ...] [--batch 1,8] [--warmup 20] [--runs 200]
         [--data eval.npz] [--json benchmark.json] [--no-tegrastats] [--tegrastats-interval 100]
 
-It runs the engines it finds -- ``model.fp32.engine``, ``model.fp16.engine``, ``model.int8.engine``,
-and the bundle's ``model.engine`` / ``model.dla.engine`` -- and builds none (build_engine.py does).
+It runs every ``*.engine`` in the folders it is given (``model.fp32.engine``, ``model.fp16.engine``,
+``model.int8.engine``, the bundle's ``model.engine`` / ``model.dla.engine``) and the engine files
+named, and builds none (build_engine.py does).
 Each engine runs in Polygraphy's TrtRunner. Per engine and batch size: warm-up, then timed runs
 (host->device copy, execution, device->host copy), median / p90 / p99 latency and throughput;
 on the bundle's ``eval.npz`` (``x`` images, ``y`` labels) or ``--data``: top-1, and the engine
@@ -70,7 +71,7 @@ _warn = _engine_tools.warn
 
 __all__ = [
     "REPORT_SCHEMA",
-    "ENGINE_FILES",
+    "ENGINE_PATTERNS",
     "UsageError",
     "BenchmarkFailed",
     "discover",
@@ -91,15 +92,9 @@ __all__ = [
 #: Identifies the layout of benchmark.json.
 REPORT_SCHEMA = "vitdeploy.bench/1"
 
-#: Engine files looked for in a bundle folder, in table order: ``(precision or None, file name)``.
-#: None means "read the precision from <engine>.json" (the bundle's own engine).
-ENGINE_FILES = (
-    ("fp32", "model.fp32.engine"),
-    ("fp16", "model.fp16.engine"),
-    ("int8", "model.int8.engine"),
-    (None, "model.engine"),
-    (None, "model.dla.engine"),
-)
+#: What a bundle folder contributes: every engine in it (build_engine.py writes ``model.engine``,
+#: ``model.dla.engine`` and, for the side-by-side table, ``model.{fp32,fp16,int8}.engine``).
+ENGINE_PATTERNS = ("*.engine",)
 
 #: Labelled data looked for in a bundle folder.
 EVAL_FILES = ("eval.npz",)
@@ -134,24 +129,6 @@ def _dla_core_from_meta(meta):
     return None
 
 
-def _engine_entry(path, precision=None):
-    """One engine: file, size, metadata (``<engine>.json`` when readable) and its precision."""
-    meta = core.read_json(path + ".json")
-    built = core.engine_precision(meta)
-    dla = _dla_core_from_meta(meta)
-    if precision is None:
-        precision = built
-    return {
-        "path": path,
-        "file": os.path.basename(path),
-        "size_bytes": os.path.getsize(path),
-        "precision": precision,
-        "precision_built": built,
-        "dla_core": dla,
-        "meta": meta,
-    }
-
-
 def _label(entry):
     base = entry["precision"] or entry["file"]
     if entry["dla_core"] is not None:
@@ -159,69 +136,41 @@ def _label(entry):
     return base
 
 
-_CANONICAL = dict((precision, name) for precision, name in ENGINE_FILES if precision)
-
-
 def _assign_labels(entries):
     """Unique row labels: the precision; when two engines share one, the engine named for it
     (``model.int8.engine``) keeps it and the others become ``precision (file)``."""
     labels = [_label(e) for e in entries]
     for entry, label in zip(entries, labels):
-        canonical = _CANONICAL.get(label) == entry["file"]
+        canonical = entry["file"] == "model.{}.engine".format(label)
         entry["label"] = label if labels.count(label) == 1 or canonical else "{} ({})".format(label, entry["file"])
     return entries
-
-
-_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 
 
 def discover(paths, data=None):
     """Engines and labelled data to benchmark, from bundle folders and/or engine files.
 
-    Returns ``{"folder", "engines": [entry], "data": path or None}``; each entry has ``path``,
-    ``file``, ``size_bytes``, ``precision`` (from the name, else from ``<engine>.json``),
-    ``precision_built``, ``dla_core``, ``meta`` and a unique ``label``. A folder contributes the
-    `ENGINE_FILES` present in it, and its ``eval.npz`` unless ``data`` is given. Nothing is
-    loaded: the engines may be empty placeholder files here. UsageError when a path does not
-    exist or no engine is found.
+    Returns ``{"folder", "engines": [entry], "data": path or None}``; each entry is vitdeploy's
+    artifact entry (`core.discover`: ``path``, ``file``, ``size_bytes``, ``meta``, ``precision`` from
+    the name, else from ``<engine>.json``) plus ``precision_built``, ``dla_core`` and a unique
+    ``label``. A folder contributes its engines and its ``eval.npz`` unless ``data`` is given.
+    Nothing is loaded: the engines may be empty placeholder files here. UsageError when a path
+    does not exist or holds no engine.
     """
     paths = list(paths) or ["."]
-    engines, folder, found_data = [], None, None
-    for path in paths:
-        if os.path.isdir(path):
-            folder = folder or path
-            for precision, name in ENGINE_FILES:
-                candidate = os.path.join(path, name)
-                if os.path.isfile(candidate):
-                    engines.append(_engine_entry(candidate, precision))
-            for name in EVAL_FILES:
-                candidate = os.path.join(path, name)
-                if found_data is None and os.path.isfile(candidate):
-                    found_data = candidate
-        elif os.path.isfile(path):
-            precision = None
-            for known, name in ENGINE_FILES:
-                if known and os.path.basename(path) == name:
-                    precision = known
-            engines.append(_engine_entry(path, precision))
-            folder = folder or (os.path.dirname(os.path.abspath(path)))
-        else:
-            raise UsageError("not found: {}".format(path))
-    seen, unique = set(), []
+    engines, folders = core.discover(paths, ENGINE_PATTERNS, (".engine",), UsageError, empty=(
+        "no engines in {folder} (looked for {patterns}): build them on this device with build_engine.py, "
+        "see jetson/README.md"))
     for entry in engines:
-        key = os.path.realpath(entry["path"])
-        if key not in seen:
-            seen.add(key)
-            unique.append(entry)
-    if not unique:
-        raise UsageError("no engines in {} (looked for {}): build them on this device with build_engine.py, see "
-                         "jetson/README.md".format(", ".join(paths), ", ".join(n for _, n in ENGINE_FILES)))
-    unique.sort(key=lambda e: _ORDER.get(e["precision"], len(_ORDER)))
+        entry["precision_built"] = core.engine_precision(entry["meta"])
+        entry["dla_core"] = _dla_core_from_meta(entry["meta"])
+    folder = folders[0] if folders else os.path.dirname(os.path.abspath(engines[0]["path"]))
+    found_data = next((os.path.join(f, n) for f in folders for n in EVAL_FILES if os.path.isfile(os.path.join(f, n))),
+                      None)
     if data is not None:
         if not os.path.isfile(data):
             raise UsageError("--data not found: {}".format(data))
         found_data = data
-    return {"folder": folder, "engines": _assign_labels(unique), "data": found_data}
+    return {"folder": folder, "engines": _assign_labels(engines), "data": found_data}
 
 
 # ---------------------------------------------------------------------------------------------
