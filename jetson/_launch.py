@@ -2,7 +2,7 @@
 
 The scripts are imported by path, so neither vitdeploy nor torch/timm need to be installed on
 the device -- only TensorRT, NumPy, Polygraphy and ONNX Runtime (jetson/setup.sh). benchmark.py
-loads its sibling build_engine.py from its own folder. Python 3.8+ (Polygraphy's floor).
+loads build_engine.py and vitdeploy/measure/core.py (measure_core.py in a bundle) beside it. Python 3.8+ (Polygraphy's floor).
 """
 
 import importlib.util
