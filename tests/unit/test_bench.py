@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from vitdeploy.cli import main
 from vitdeploy.errors import InputError
 from vitdeploy.measure import bench
-from vitdeploy.measure.bench import (Artifact, Measurement, add_ratios, assemble_rows, bench_json, discover,
+from vitdeploy.measure.core import add_ratios
+from vitdeploy.measure.bench import (Artifact, Measurement, assemble_rows, bench_json, discover,
                                      infer_precision, markdown_table, parse_batches, plot_latency,
                                      precision_from_name, precision_from_onnx)
 

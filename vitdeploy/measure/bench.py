@@ -37,7 +37,6 @@ import numpy as np
 from ..errors import InputError
 from ..log import get_logger
 from . import core
-from .core import add_ratios, markdown_table as _table
 
 log = get_logger(__name__)
 
@@ -208,7 +207,7 @@ def preprocessing_for(artifacts: Sequence[Artifact]) -> Dict[Path, dict]:
 def assemble_rows(measurements: Iterable[Measurement]) -> List[dict]:
     """One JSON-ready row per measurement, with speed-up and size ratio against the FP32 row of the
     same backend and batch (None when there is none)."""
-    return add_ratios([core.make_row(m.artifact.precision, m.batch, m.artifact.size_bytes / core.MB, m.times_ms,
+    return core.add_ratios([core.make_row(m.artifact.precision, m.batch, m.artifact.size_bytes / core.MB, m.times_ms,
                                      top1=m.top1, memory_mb=m.memory_mb, artifact=str(m.artifact.path),
                                      label=m.artifact.name, backend=m.artifact.backend, **m.extra)
                        for m in measurements])
@@ -221,9 +220,10 @@ TABLE_HEADERS = ["artifact", "backend", "precision", "batch", "top-1 %", "size (
 def markdown_table(rows: Sequence[dict]) -> str:
     body = [[r.get("label") or Path(r["artifact"]).name, r["backend"], r["precision"].upper(), r["batch"], r["top1"],
              r["size_mb"], r["latency_ms"]["median"], r["latency_ms"]["p90"], r["latency_ms"]["p99"],
-             r["throughput_ips"], r["memory_mb"], core.fmt(r["speedup_vs_fp32"], 2, "x"), core.fmt(r["size_ratio_vs_fp32"], 2, "x")]
+             r["throughput_ips"], r["memory_mb"], core.fmt(r["speedup_vs_fp32"], 2, "x"),
+             core.fmt(r["size_ratio_vs_fp32"], 2, "x")]
             for r in rows]
-    return _table(TABLE_HEADERS, body)
+    return core.markdown_table(TABLE_HEADERS, body)
 
 
 def bench_json(rows: Sequence[dict], threads: int, device: str, **extra) -> dict:
@@ -352,7 +352,7 @@ def _peak_rss_mb() -> float:
 def _cuda_free_bytes() -> Optional[int]:
     """Free device memory as CUDA reports it; None when it cannot tell (no CUDA, no Polygraphy)."""
     try:
-        from ..trt.benchmark import cuda_free_bytes
+        from ..trt.build_engine import cuda_free_bytes
 
         return cuda_free_bytes()
     except Exception:  # noqa: BLE001 - no CUDA, no driver: memory is simply unknown

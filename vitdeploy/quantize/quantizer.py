@@ -177,8 +177,8 @@ class TensorQuantizer(nn.Module):
         return fake_quantize(x, self.scale, self.num_bits, self.axis)
 
     def _exported(self, x: torch.Tensor) -> torch.Tensor:
-        """The same numbers through torch's fake-quantize ops, which both ONNX exporters write as
-        QuantizeLinear → DequantizeLinear with this scale and zero point. ONNX codes are int8 or uint8:
+        """The same numbers through ops the exporter in use writes as QuantizeLinear → DequantizeLinear
+        with this scale and zero point (see `_EXPORTING`). ONNX codes are int8 or uint8:
         a narrower signed range (7-bit weights, exact on AVX2) clips x to it first, in the graph
         (constant, so the Q/DQ fold computes it for weights)."""
         lo, hi = (uint_range if self.unsigned else int_range)(self.num_bits)
@@ -187,7 +187,8 @@ class TensorQuantizer(nn.Module):
         if per_channel:
             scale = scale.reshape(-1)
         if not self.unsigned and self.num_bits < 8:
-            step = scale.reshape([-1 if d == self.axis % x.dim() else 1 for d in range(x.dim())]) if per_channel else scale
+            step = (scale.reshape([-1 if d == self.axis % x.dim() else 1 for d in range(x.dim())]) if per_channel
+                    else scale)
             x = torch.minimum(torch.maximum(x, step * lo), step * hi)
             lo, hi = int_range(8)
         if _EXPORTING == "torch.export":

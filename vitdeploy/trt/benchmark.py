@@ -596,18 +596,6 @@ def prepare_eval_inputs(x, sample_shape, preprocessing=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def cuda_free_bytes():
-    """Free device memory (``cudaMemGetInfo`` of the libcudart Polygraphy loads), or None."""
-    import ctypes
-
-    from polygraphy import cuda
-
-    free, total = ctypes.c_size_t(), ctypes.c_size_t()
-    if cuda.wrapper().handle.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
-        return None
-    return free.value
-
-
 def engine_runner(trt, pg, entry):
     """A Polygraphy TrtRunner for one engine file (on its DLA core when it was built for one)."""
     return pg.TrtRunner(_engine_tools.engine_loader(trt, pg, entry["path"], entry.get("dla_core")), name=entry["label"])
@@ -688,7 +676,7 @@ def bench_engine(trt, pg, entry, batches, warmup, runs, data=None, sampler=None,
     """Measure one engine; returns ``(rows, details)``. See the module docstring for what."""
     import numpy as np
 
-    free_before = cuda_free_bytes()
+    free_before = _engine_tools.cuda_free_bytes()
     sampling = sampler.start() if sampler is not None else False
     try:
         with engine_runner(trt, pg, entry) as runner:
@@ -699,11 +687,11 @@ def bench_engine(trt, pg, entry, batches, warmup, runs, data=None, sampler=None,
                 _warn("{}: batch {} skipped: {}".format(entry["file"], ",".join(map(str, skipped)),
                                                        "the engine has a static batch of {}".format(low) if low == high
                                                        else "outside the engine's profile {}-{}".format(low, high)))
-            timings, free = {}, [f for f in [cuda_free_bytes()] if f is not None]
+            timings, free = {}, [f for f in [_engine_tools.cuda_free_bytes()] if f is not None]
             for batch in fits:
                 feed = {name: np.random.default_rng(0).standard_normal([batch] + sample).astype(np.float32)}
                 timings[batch] = times = core.time_runner(runner, feed, warmup, runs)
-                free += [f for f in [cuda_free_bytes()] if f is not None]
+                free += [f for f in [_engine_tools.cuda_free_bytes()] if f is not None]
                 _note("  {} batch {}: median {:.3f} ms".format(entry["label"], batch, core.latency_stats(times)["median"]),
                       quiet)
             top1 = comparison = None

@@ -439,6 +439,18 @@ def cuda_device():
             "compute_capability": [major.value, minor.value] if major.value else None}
 
 
+def cuda_free_bytes():
+    """Free device memory (``cudaMemGetInfo`` of the libcudart Polygraphy loads), or None."""
+    import ctypes
+
+    from polygraphy import cuda
+
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    if cuda.wrapper().handle.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+        return None
+    return free.value
+
+
 def engine_io(trt, engine):
     """``(inputs, outputs)``, each ``[{"name", "shape" (-1 = dynamic), "dtype"}]``, of an engine."""
     io = ([], [])
