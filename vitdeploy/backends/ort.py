@@ -79,10 +79,10 @@ class OrtRunner(OnnxrtRunner):
         # whose memory `bench` measures.
         start = time.perf_counter()
         names = [o.name for o in self.sess.get_outputs()]
-        if self.sess.get_inputs()[0].shape[0] != 1 or len(next(iter(feed_dict.values()))) == 1:
+        batch = len(next(iter(feed_dict.values())))
+        if self.sess.get_inputs()[0].shape[0] != 1 or batch == 1:
             outputs = self.sess.run(names, feed_dict)
         else:  # a file exported for batch 1 (a model that would not export batch-dynamic): image by image
-            batch = len(next(iter(feed_dict.values())))
             pieces = [self.sess.run(names, {k: v[i:i + 1] for k, v in feed_dict.items()}) for i in range(batch)]
             outputs = [np.concatenate(parts) for parts in zip(*pieces)]
         self.inference_time = time.perf_counter() - start

@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from ..artifacts import ModelSpec
 from .graph import GraphIndex, attr, drop_unused_initializers
-from .onnx_export import DEFAULT_OPSET, STRICT, export_like, exporter_of
+from .onnx_export import DEFAULT_OPSET, export_like, exporter_of
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 # What a weight quantizer exports between the FP32 weight and its QuantizeLinear (a narrow range's
@@ -36,7 +36,7 @@ def export_int8(qmodel, spec: ModelSpec, reference: onnx.ModelProto, opset: int 
     """The fake-quant model as QDQ ONNX, exported like the FP32 file ``reference``, weights folded to INT8."""
     from ..quantize.quantizer import exporting
 
-    with _folded_shift_biases(qmodel), exporting(qmodel, "torch.export" if exporter_of(reference) == STRICT else "torchscript"):
+    with _folded_shift_biases(qmodel), exporting(qmodel, exporter_of(reference)):
         proto = export_like(qmodel, spec, reference, opset)
     # torch.export's file types its intermediate tensors; the passes after this one change types (int8
     # activations to uint8 for ONNX Runtime, FP16), and shape inference gives them back anyway.

@@ -26,12 +26,13 @@ from .calibrators import MinMaxCalibrator, make_calibrator
 #: quantized_decomposed ops for torch.export (which has no fake-tensor kernel for the former). A flag
 #: of our own: torch.export traces before the ONNX export starts, so torch.onnx.is_in_onnx_export()
 #: would not say so there.
-_EXPORTING: Optional[str] = None   # None, "torchscript" or "torch.export"
+_EXPORTING: Optional[str] = None   # None, or the exporter's name (export/onnx_export.py: "torch.export", ...)
 
 
 @contextlib.contextmanager
 def exporting(model: nn.Module, exporter: str = "torchscript") -> Iterator[None]:
-    """The quantizers of ``model`` as exportable Q/DQ while the block runs (export/qdq.py). Per-tensor
+    """The quantizers of ``model`` as exportable Q/DQ while the block runs (export/qdq.py), for
+    ``exporter`` "torch.export" (strict) or, for any other name, the TorchScript exporter. Per-tensor
     scales and zero points become Python numbers first: read from a buffer inside the trace, torch.export
     would take them for data-dependent values."""
     global _EXPORTING
