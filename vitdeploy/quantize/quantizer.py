@@ -180,14 +180,18 @@ class TensorQuantizer(nn.Module):
     def _exported(self, x: torch.Tensor) -> torch.Tensor:
         """The same numbers through ops the exporter in use writes as QuantizeLinear → DequantizeLinear
         with this scale and zero point (see `_EXPORTING`). ONNX codes are int8 or uint8:
-        a narrower signed range (7-bit weights, exact on AVX2) clips x to it first, in the graph
-        (constant, so the Q/DQ fold computes it for weights)."""
+        a narrower range (7-bit weights, exact on AVX2; 2-7 bit simulations) clips x to it first, in
+        the graph (constant, so the Q/DQ fold computes it for weights), and keeps the 8-bit codes."""
         lo, hi = (uint_range if self.unsigned else int_range)(self.num_bits)
         scale = self.scale
         per_channel = self.axis is not None
         if per_channel:
             scale = scale.reshape(-1)
-        if not self.unsigned and self.num_bits < 8:
+        if self.num_bits < 8 and self.unsigned:   # codes [0, 2^b-1] around zero point z: x in [-z·s, (qmax-z)·s]
+            step, zero = self._export_qparams   # Python numbers (see `exporting`)
+            x = torch.clamp(x, step * (lo - zero), step * (hi - zero))
+            lo, hi = uint_range(8)
+        elif self.num_bits < 8:
             step = (scale.reshape([-1 if d == self.axis % x.dim() else 1 for d in range(x.dim())]) if per_channel
                     else scale)
             x = torch.minimum(torch.maximum(x, step * lo), step * hi)
