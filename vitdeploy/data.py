@@ -277,3 +277,35 @@ def _from_npz(path: Path, spec: ModelSpec, what: str) -> ImageSet:
                              "store uint8 N×H×W×C pixels to have them resized")
         return ImageSet(source=str(path), spec=spec, tensors=x.astype(np.float32), labels=labels)
     raise InputError(f"{what} {path}: 'x' must be uint8 pixels or float32 tensors, got {x.dtype}")
+
+
+#: Training sets up to this size are decoded once and held in memory; larger ones batch by batch.
+PRELOAD_BYTES = 2 << 30
+
+
+class TensorSource:
+    """An ImageSet indexed like a tensor (``source[indices]``, ``source[a:b]`` → float32 N×C×H×W),
+    decoded on demand: what QAT draws its batches from when the set is too large to hold."""
+
+    def __init__(self, images: ImageSet):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        import torch
+
+        if isinstance(index, slice):
+            index = range(*index.indices(len(self)))
+        picked = self.images.subset(np.asarray(index, dtype=np.int64).reshape(-1))
+        return torch.from_numpy(picked._inputs(0, len(picked)))
+
+
+def as_tensor_source(images: ImageSet):
+    """All of ``images`` as one tensor when it fits in `PRELOAD_BYTES`, else a `TensorSource`."""
+    import torch
+
+    if len(images) * int(np.prod(images.spec.input_size)) * 4 > PRELOAD_BYTES:
+        return TensorSource(images)
+    return torch.from_numpy(np.concatenate([x for x, _ in images.batches(256)]))

@@ -33,3 +33,24 @@ def progress(iterable: Iterable[T], desc: str, total: Optional[int] = None, unit
     from tqdm import tqdm
 
     yield from tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str = "batch", initial: int = 0, enabled: bool = True):
+    """A tqdm bar driven by hand (``update``, ``set_postfix`` for a running loss, ``close``), or one
+    that does nothing when bars are off or ``enabled`` is False (ranks other than 0)."""
+    if not (_PROGRESS["enabled"] and enabled):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, file=sys.stderr, dynamic_ncols=True)
