@@ -152,6 +152,43 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_qat(args) -> int:
+    from .pipeline import BuildConfig, build
+    from .qat import QatSettings, parse_bits
+    from .report import table
+
+    weight_bits, activation_bits = parse_bits(args.bits)
+    if args.epochs < 1 or args.batch_size < 1:
+        raise InputError("--epochs and --batch-size must be at least 1")
+    settings = QatSettings(weight_bits=weight_bits, activation_bits=activation_bits, epochs=args.epochs,
+                           batch=args.batch_size, lr=args.lr, step_lr=args.step_lr, irm=not args.no_irm,
+                           dgd=not args.no_dgd, temperature=args.temperature, seed=args.seed, device=args.device,
+                           amp=args.amp)
+    cfg = BuildConfig(
+        model=args.model, calib=args.data, target=args.target, out=args.out, name=args.name, arch=args.arch,
+        model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle, input_size=args.input_size,
+        mean=args.mean, std=args.std, calib_size=args.calib_size, calib_method=args.calib_method, seed=args.seed,
+        plan=args.plan, shift=args.shift, rescale=args.rescale, bias_correction=args.bias_correction,
+        eval_data=args.eval_data, sensitivity_images=0, qat=settings, checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume, use_labels=not args.no_labels,
+        verify_min_agreement=args.verify_min_agreement, verify_min_cosine=args.verify_min_cosine)
+    record = build(cfg)
+    if record.get("rank", 0) != 0:
+        return 0
+    qat = record["qat"]
+    print(f"built {record['output']} in {record['build_seconds']:.1f} s ({settings.bits} QAT, {settings.epochs} "
+          f"epochs on {qat['images']} images, {qat['processes']} process(es) on {qat['device']}, {qat['seconds']:.0f} s)")
+    losses = qat["losses"]
+    print(table(["epoch"] + losses, [[i + 1] + [h.get(k, "") for k in losses] for i, h in enumerate(qat["history"])]))
+    acc = record.get("accuracy")
+    if acc:
+        rows = [["FP32", acc["fp32_top1"]]] + ([[settings.bits, acc["int8_top1"]]] if "int8_top1" in acc else [])
+        print(table(["model", f"top-1 % ({acc['images']} images)"], rows))
+        if "agreement" in acc:
+            print(f"{settings.bits} agrees with FP32 on {acc['agreement']:.2f} % of the images")
+    return 0
+
+
 def cmd_analyze(args) -> int:
     from .analyse import analyse, format_table, plan_from_scores, search_max_drop, write_png
     from .artifacts import write_json
@@ -333,6 +370,52 @@ def make_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.set_defaults(func=cmd_build)
 
+    p = sub.add_parser("qat", help="quantization-aware training (LSQ steps, IRM, distillation from the FP32 model), "
+                                   "then the build's export, lint and verification into engines/<name>/")
+    add_model_args(p)
+    add_preprocessing_args(p)
+    from .qat import QatSettings
+
+    d = QatSettings()
+    g = p.add_argument_group("training (single process, or torchrun --nproc-per-node N -m vitdeploy qat ...)")
+    g.add_argument("--data", type=Path, required=True,
+                   help="training images: folder (class sub-folders give labels) or .npz with x (and y)")
+    g.add_argument("--bits", default="W8A8", help="weight and activation bits, W2A2 .. W8A8 (default W8A8; below "
+                                                  "8 bits the export is an ONNX Runtime simulation)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"(default {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=d.batch, help=f"global batch, split over the processes "
+                                                                   f"(default {d.batch})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW rate of the weights (default {d.lr:g}); warm-up, "
+                                                         "then cosine")
+    g.add_argument("--step-lr", type=float, default=d.step_lr,
+                   help=f"rate of the quantizer steps and rectifiers, relative to their size (default {d.step_lr:g})")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="logit distillation temperature")
+    g.add_argument("--no-irm", action="store_true", help="no information rectification of q and k")
+    g.add_argument("--no-dgd", action="store_true", help="no distribution-guided distillation of q and k")
+    g.add_argument("--no-labels", action="store_true", help="distillation only, even where the images have labels")
+    g.add_argument("--seed", type=int, default=0, help="image order and calibration sample (default 0)")
+    g.add_argument("--device", default=d.device, help="auto (a CUDA GPU when present), cpu, cuda")
+    g.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "off"],
+                   help="bf16 autocast (auto: on CUDA only; the quantizers always compute in FP32)")
+    g.add_argument("--checkpoint-dir", type=Path, help="where each epoch's checkpoint goes (default "
+                                                       "<out>.qat-checkpoint, removed after a finished build)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the same run")
+    g = p.add_argument_group("calibration (the steps' starting point) and output")
+    g.add_argument("--calib-size", type=int, default=512, help="images of --data sampled for calibration")
+    g.add_argument("--calib-method", default="max", choices=["max", "entropy", "percentile", "mse"])
+    g.add_argument("--plan", type=Path, help="precision plan JSON (default: every layer quantized)")
+    g.add_argument("--target", default="cpu", help="cpu or a TensorRT target with INT8 (default cpu)")
+    g.add_argument("--out", type=Path, help="output folder (default engines/<name>)")
+    g.add_argument("--name", help="build name (default: the checkpoint's file name)")
+    g.add_argument("--eval-data", type=Path, help="labelled images: report FP32 vs quantized top-1")
+    from .pipeline import VERIFY_MIN_AGREEMENT as _AGREE, VERIFY_MIN_COSINE as _COS
+
+    g.add_argument("--verify-min-agreement", type=float, default=_AGREE, metavar="PCT")
+    g.add_argument("--verify-min-cosine", type=float, default=_COS, metavar="C")
+    add_technique_args(p)
+    add_common_args(p)
+    p.set_defaults(func=cmd_qat)
+
     p = sub.add_parser("eval", help="top-1 of an ONNX model in ONNX Runtime on labelled images")
     p.add_argument("onnx", type=Path, help="ONNX model (preprocessing from the build.json beside it)")
     p.add_argument("--data", type=Path, required=True, help="labelled images: .npz with x, y or class folders")
@@ -402,8 +485,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .log import configure
 
-    configure(verbose=False, progress=not args.quiet and sys.stderr.isatty())
-    if args.quiet:
+    import os
+
+    other_rank = int(os.environ.get("RANK", "0")) != 0   # torchrun: rank 0 speaks for the run
+    configure(verbose=False, progress=not args.quiet and not other_rank and sys.stderr.isatty())
+    if args.quiet or other_rank:
         import logging
 
         logging.getLogger("vitdeploy").setLevel(logging.WARNING)

@@ -51,6 +51,11 @@ class BuildConfig:
     int8_budget: float = 90.0
     max_drop: Optional[float] = None    # accuracy budget in top-1 points (accuracy_budget.py)
     recover: Optional[object] = None    # recover.RecoverySettings: block reconstruction after calibration
+    # `vitdeploy qat`: qat.QatSettings, training on all of --calib's images (calibration on a sample of them)
+    qat: Optional[object] = None
+    checkpoint_dir: Optional[Path] = None   # default: <output folder>.qat-checkpoint beside the output
+    resume: bool = False
+    use_labels: bool = True                 # qat: cross-entropy where the images have labels
     eval_data: Optional[Path] = None
     batch_size: int = 64
     verify_images: int = 256
@@ -71,6 +76,12 @@ class BuildConfig:
         if self.out is not None:
             return Path(self.out)
         return Path(self.engines_dir) / folder_name(self.name or Path(self.model).stem)
+
+    def qat_checkpoint_dir(self) -> Path:
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir)
+        out = self.output_dir()
+        return out.parent / f"{out.name}.qat-checkpoint"
 
     def input_paths(self) -> list:
         """Every file or folder the build reads: none of them may lie inside the output folder."""
@@ -98,6 +109,8 @@ def build(cfg: BuildConfig) -> dict:
         raise InputError(f"--dla: {target.name} has no DLA (Jetson Xavier and Orin do)")
     if cfg.trt_calibrator and not target.is_tensorrt:
         raise InputError(f"--trt-calibrator is a TensorRT option; target {target.name} uses ONNX Runtime")
+    if cfg.qat is not None:
+        target, cfg = _qat_target(target, cfg)
     with stage("write"):
         output = OutputFolder(cfg.output_dir(), cfg.input_paths()).check()
     with stage("load"):
@@ -122,6 +135,10 @@ def build(cfg: BuildConfig) -> dict:
         eval_images = load_images(cfg.eval_data, spec, require_labels=True, what="evaluation data") \
             if cfg.eval_data else None
         layers = find_layers(model, spec)
+    if plan is None and cfg.qat is not None:  # training recovers what calibration loses: everything quantized
+        from .plan import PrecisionPlan
+
+        plan = PrecisionPlan(default="int8", meta={"source": "qat default: every layer INT8, attention matmuls included"})
     if plan is None:
         plan = role_defaults(layers, include_attention=False)
         if cfg.sensitivity_images > 0 and target.int8:
@@ -154,6 +171,12 @@ def build(cfg: BuildConfig) -> dict:
                              "(class folders, or an .npz with y)")
         with stage("recover"):
             recovery = _recover(prepared, qmodel, layers, quantized, calib, eval_images, cfg)
+    qat = None
+    if cfg.qat is not None and qmodel is not None:
+        with stage("qat"):
+            qat = _train_qat(prepared, qmodel, calib_all, cfg)
+        if qat["rank"] != 0:   # torchrun: rank 0 exports and writes; the others are done
+            return {"rank": qat["rank"], "qat": qat}
 
     out_dir = output.final
     with stage("write"), output.write() as tmp:
@@ -192,6 +215,7 @@ def build(cfg: BuildConfig) -> dict:
                      "int8_mac_share": int8_mac_share(layers, precision, kinds=("linear", "conv", "matmul"))},
             "techniques": techniques,
             "recovery": recovery,
+            "qat": qat,
             "layers": [_layer_record(layer, precision[layer.name], qmodel, cfg) for layer in layers],
             "lint": [str(v) for v in violations],
             "verification": verification,
@@ -202,6 +226,10 @@ def build(cfg: BuildConfig) -> dict:
         record["build_seconds"] = round(time.time() - started, 2)
         _write_records(tmp, record)
     record["output"] = str(out_dir)
+    if qat is not None:
+        import shutil
+
+        shutil.rmtree(cfg.qat_checkpoint_dir(), ignore_errors=True)  # the build is written: nothing to resume
     if target.is_tensorrt:
         with stage("engine"):
             record["engine"] = _engine_or_bundle(out_dir, target, spec, cfg)
@@ -393,9 +421,12 @@ def _quantize(model, precision: dict, target, calib, cfg: BuildConfig):
             for x, _ in progress(calib.batches(cfg.batch_size), "calibrate", total=calib.num_batches(cfg.batch_size)):
                 m(torch.from_numpy(x))
 
+    num_bits = None
+    if cfg.qat is not None and (cfg.qat.weight_bits, cfg.qat.activation_bits) != (8, 8):
+        num_bits = {"weights": min(cfg.qat.weight_bits, target.weight_bits), "activations": cfg.qat.activation_bits}
     start = time.perf_counter()
     qmodel, prepared, record = quantize_with_techniques(model, precision, target, forward_loop, cfg.calib_method,
-                                                        techniques)
+                                                        techniques, num_bits=num_bits)
     return qmodel, prepared, record, time.perf_counter() - start
 
 
@@ -433,6 +464,38 @@ def _recover(prepared, qmodel, layers, quantized, calib, eval_images, cfg: Build
     result = recover(prepared, qmodel, layers, quantized, images, cfg.recover, after_stage=measure,
                      labels=calib_labels)
     result["before"] = before
+    return result
+
+
+def _qat_target(target, cfg: BuildConfig):
+    """QAT's target: INT8-capable; below 8 bits ONNX Runtime (cpu), said in one line."""
+    from .targets import get_target
+
+    if not target.int8:
+        raise InputError(f"qat: {target.name} has no INT8 (TensorRT runs it in FP16): choose another --target")
+    if cfg.qat.weight_bits < 8 or cfg.qat.activation_bits < 8:
+        instead = f" instead of {target.name}" if target.name != "cpu" else ""
+        log.warning("%s is below 8 bits: model.int8.onnx is a simulation for ONNX Runtime (%s values in INT8 Q/DQ, "
+                    "target cpu%s); TensorRT has no such INT8 kernels to deploy it", cfg.qat.bits, cfg.qat.bits, instead)
+        target = get_target("cpu")
+        cfg = dataclasses.replace(cfg, target="cpu")
+    return target, cfg
+
+
+def _train_qat(prepared, qmodel, images, cfg: BuildConfig) -> dict:
+    """`vitdeploy qat`: train ``qmodel`` in place on every image of --calib (qat/train.py); build.json's "qat"."""
+    from .data import as_tensor_source
+    from .qat import train_qat
+
+    labels = images.labels if cfg.use_labels else None
+    result = train_qat(prepared, qmodel, as_tensor_source(images), labels, cfg.qat, cfg.qat_checkpoint_dir(),
+                       cfg.resume)
+    from .qat.train import distributed
+
+    result["rank"] = distributed()[0]
+    result["deployable"] = "TensorRT and ONNX Runtime" if cfg.qat.bits == "W8A8" else \
+        "simulation: ONNX Runtime only, INT8 Q/DQ holding the lower-bit values"
+    result["checkpoint"] = str(cfg.qat_checkpoint_dir())
     return result
 
 
@@ -640,11 +703,14 @@ def _layer_record(layer, precision: str, qmodel, cfg: BuildConfig) -> dict:
     else:
         record["input_amax"] = float(modules[layer.name].input_quantizer.amax)
         bits = modules[layer.name].weight_quantizer.num_bits
-        record["weights"] = "int8 symmetric, per output channel (max |w|)" + \
-            ("" if bits == 8 else f", {bits}-bit codes (|code| <= {2 ** (bits - 1) - 1}: exact on every CPU)")
-        record["activations"] = "int8 symmetric, per tensor"
+        record["weights"] = "int8 symmetric, per output channel" + (" (max |w|)" if cfg.qat is None else "") + \
+            ("" if bits == 8 else f", {bits}-bit codes (|code| <= {2 ** (bits - 1) - 1}"
+             + (": exact on every CPU)" if bits == 7 else ")"))
+        act_bits = modules[layer.name].input_quantizer.num_bits
+        record["activations"] = "int8 symmetric, per tensor" + ("" if act_bits == 8 else f", {act_bits}-bit codes")
         record.update(describe_input(modules[layer.name]))
-    record["scales_source"] = f"{cfg.calib_method} calibration"
+    record["scales_source"] = (f"{cfg.calib_method} calibration" if cfg.qat is None else
+                               f"learned in QAT (LSQ), from {cfg.calib_method} calibration")
     return record
 
 
