@@ -1,0 +1,170 @@
+"""Quantization-aware training (``vitdeploy qat``) against post-training quantization, W4A4 by default.
+
+    python benchmarks/qat.py [--models cifar10_vit imagenet_vit_tiny] [--bits W4A4] [--epochs N]
+                             [--variants LSQ +IRM +DGD both] [--no-recovery] [--json F]
+
+Every Linear, the patch embedding, the head and both attention matmuls quantized (per-channel
+weights, per-tensor activations), max calibration on 512 images with the build's default techniques
+for jetson-orin (softmax unshifted) -- the recovery benchmark's setting, so its rows are comparable. Rows:
+
+* ``PTQ plain``: calibration only; ``PTQ recovery (all)``: ``--recover``'s block reconstruction with
+  every part, the best post-training result of benchmarks/recovery.py at W4A4;
+* QAT ``LSQ`` (learned steps, logit distillation), ``+IRM`` (rectified q/k), ``+DGD`` (q/k
+  similarity distillation), ``both`` (Q-ViT: IRM and DGD) -- what ``vitdeploy qat`` trains.
+
+cifar10_vit: QAT on all of ``train_10k.npz`` with its labels (cross-entropy beside the distillation;
+``both, no labels`` shows distillation alone), evaluation on all 10,000 of ``test.npz``.
+ImageNet ViT-Tiny: distillation only (no labels) on 512 of ``imagenet_samples`` -- the recovery
+benchmark's 512 -- agreement with FP32 on the other 488. Columns: top-1, agreement with FP32,
+KL(FP32 ‖ quantized), wall time (calibration + training), and against PTQ plain the images fixed /
+broken with McNemar's exact p. PyTorch fake-quant evaluation (a qat build's verification shows the
+exported ONNX computes the same).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ablation import logits, versus_plain  # noqa: E402
+from recovery import load  # noqa: E402
+from tests.integration.shared_data import SHARED  # noqa: E402
+from vitdeploy.inventory import find_layers  # noqa: E402
+from vitdeploy.plan import QUANTIZED, PrecisionPlan  # noqa: E402
+from vitdeploy.qat import QatSettings, parse_bits, train_qat  # noqa: E402
+from vitdeploy.quantize.techniques import Techniques, quantize_with_techniques  # noqa: E402
+from vitdeploy.report import table  # noqa: E402
+
+VARIANTS = {
+    "LSQ": dict(irm=False, dgd=False),
+    "+IRM": dict(irm=True, dgd=False),
+    "+DGD": dict(irm=False, dgd=True),
+    "both": dict(irm=True, dgd=True),
+    "both, no labels": dict(irm=True, dgd=True),
+}
+
+
+def training_data(name: str, work: Path, calib: torch.Tensor):
+    """(images, labels or None) QAT trains on: cifar10's train_10k with labels; ViT-Tiny's 512 without."""
+    if name != "cifar10_vit":
+        return calib, None
+    from vitdeploy.data import as_tensor_source, load_images
+    from vitdeploy.load import load_model
+
+    _, spec = load_model(work / "cifar10_vit.pt", trust_pickle=True, mean=[0.5], std=[0.5])
+    images = load_images(SHARED / "cifar10" / "train_10k.npz", spec)
+    return as_tensor_source(images), torch.as_tensor(np.asarray(images.labels), dtype=torch.long)
+
+
+def run_model(name: str, args, work: Path) -> list:
+    model, spec, calib, x, y = load(name, work, args.calib_size)
+    train_x, train_y = training_data(name, work, calib)
+    if args.train_images:
+        train_x, train_y = train_x[:args.train_images], None if train_y is None else train_y[:args.train_images]
+    layers = find_layers(model, spec)
+    precision = PrecisionPlan(default="int8", layers={}).resolve(layer.name for layer in layers)
+    quantized = [n for n, p in precision.items() if p in QUANTIZED]
+    weight_bits, activation_bits = parse_bits(args.bits)
+    bits = None if (weight_bits, activation_bits) == (8, 8) else {"weights": weight_bits, "activations": activation_bits}
+    reference = logits(model, x)
+    fp32 = reference.argmax(1)
+    log_p = torch.log_softmax(reference.double(), 1)
+    rows = [[name, "FP32", round(float((fp32 == y).float().mean() * 100), 2), 100.0, 0.0, "", ""]]
+    plain_flipped = None
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for i in range(0, len(calib), 64):
+                m(calib[i:i + 64])
+
+    def score(label, qmodel, seconds):
+        nonlocal plain_flipped
+        out = logits(qmodel, x)
+        pred = out.argmax(1)
+        top1 = float((pred == y).float().mean() * 100)
+        agree = float((pred == fp32).float().mean() * 100)
+        kl = float((log_p.exp() * (log_p - torch.log_softmax(out.double(), 1))).sum(1).mean())
+        flipped = pred != fp32
+        versus = "" if plain_flipped is None else versus_plain(plain_flipped, flipped)
+        plain_flipped = flipped if plain_flipped is None else plain_flipped
+        rows.append([name, label, round(top1, 2), round(agree, 2), round(kl * 1e3, 2), round(seconds), versus])
+        print(f"  {name} {args.bits} {label}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL {kl:.3e}, "
+              f"{seconds:.0f} s {versus}", file=sys.stderr, flush=True)
+
+    def calibrated():
+        qmodel, prepared, _ = quantize_with_techniques(model, precision, "jetson-orin", forward_loop, "max",
+                                                       Techniques(shift=True, softmax_shift=False), num_bits=bits)
+        return qmodel, prepared
+
+    start = time.perf_counter()
+    qmodel, _ = calibrated()
+    score("PTQ plain", qmodel, time.perf_counter() - start)
+    if not args.no_recovery:
+        from vitdeploy.recover import RecoverySettings, recover
+
+        start = time.perf_counter()
+        qmodel, prepared = calibrated()
+        recover(prepared, qmodel, layers, quantized, calib, RecoverySettings())
+        score("PTQ recovery (all)", qmodel, time.perf_counter() - start)
+    base = QatSettings(weight_bits=weight_bits, activation_bits=activation_bits, epochs=args.epochs,
+                       batch=args.batch_size, seed=0)
+    if args.lr is not None:
+        base = dataclasses.replace(base, lr=args.lr)
+    for variant in args.variants:
+        if variant == "both, no labels" and train_y is None:
+            continue   # ViT-Tiny trains without labels in every variant
+        start = time.perf_counter()
+        qmodel, prepared = calibrated()
+        labels = None if variant == "both, no labels" else train_y
+        record = train_qat(prepared, qmodel, train_x, labels, dataclasses.replace(base, **VARIANTS[variant]))
+        score(f"QAT {variant}", qmodel, time.perf_counter() - start)
+        print(f"    loss per epoch: {record['history']}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["cifar10_vit", "imagenet_vit_tiny"])
+    parser.add_argument("--bits", default="W4A4")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=QatSettings().epochs)
+    parser.add_argument("--batch-size", type=int, default=QatSettings().batch)
+    parser.add_argument("--lr", type=float, help="weights' rate (default: vitdeploy qat's)")
+    parser.add_argument("--calib-size", type=int, default=512)
+    parser.add_argument("--train-images", type=int, help="train on the first N images only (a quick look)")
+    parser.add_argument("--no-recovery", action="store_true", help="skip the PTQ recovery (all) row")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        print(f"no real assets at {SHARED}", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vitdeploy-qat-") as work:
+        for name in args.models:
+            rows += run_model(name, args, Path(work))
+    headers = ["model", "variant", "top-1 %", "agreement with FP32 %", "KL ×1e3", "seconds",
+               "vs PTQ plain: fixed / broken (McNemar p)"]
+    print(table(headers, rows))
+    print(f"\n{time.perf_counter() - started:.0f} s in all; {args.bits}, every layer quantized; {args.epochs} epochs, "
+          f"batch {args.batch_size}; PyTorch fake-quant evaluation; {torch.get_num_threads()} threads.")
+    if args.json:
+        args.json.write_text(json.dumps([dict(zip(headers, r)) for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
