@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..quantize.apply import quantized_attentions
+from ..quantize.apply import quantized_attentions, run_with_hooks
 
 
 class Rectifier(nn.Module):
@@ -81,19 +81,13 @@ def install_irm(qmodel: nn.Module, images: torch.Tensor, batch: int = 32) -> Lis
 
     handles = [getattr(attn, attr).register_forward_pre_hook(hook((path, attr)))
                for path, attn in targets.items() for attr in ("q_quantizer", "k_quantizer")]
-    device = next(qmodel.parameters()).device
-    try:
-        for i in range(0, len(images), batch):
-            qmodel(images[i:i + batch].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(qmodel, handles, images, batch)
     for path, attn in targets.items():
         for attr in ("q_quantizer", "k_quantizer"):
             n, total, squares = sums[(path, attr)]
             mean = total / n
             std = (squares / n - mean.pow(2)).clamp_min(0).sqrt()
-            setattr(attn, attr, Rectifier(getattr(attn, attr), mean, std).to(device))
+            setattr(attn, attr, Rectifier(getattr(attn, attr), mean, std).to(next(qmodel.parameters()).device))
     return list(targets)
 
 

@@ -20,6 +20,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from ..quantize.apply import run_with_hooks
 from ..quantize.quantizer import TensorQuantizer, int_range
 
 
@@ -137,13 +138,7 @@ def init_steps_mse(qmodel: nn.Module, images: torch.Tensor, batch: int = 32, max
         samples[id(module)].append(x)
 
     handles = [q.register_forward_pre_hook(hook) for q in activations]
-    device = next(qmodel.parameters()).device
-    try:
-        for i in range(0, len(images), batch):
-            qmodel(images[i:i + batch].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(qmodel, handles, images, batch)
     for q in activations:
         x = torch.cat(samples[id(q)])
         if x.numel() > max_values:

@@ -84,6 +84,19 @@ def quantize_model(model: nn.Module, layer_names: Iterable[str], calib_method: s
     return qmodel
 
 
+@torch.no_grad()
+def run_with_hooks(model: nn.Module, handles: list, images: torch.Tensor, batch: int) -> None:
+    """``model`` over ``images`` in batches on its own device, then the hooks in ``handles`` removed
+    (also when the forward fails): how statistics and recordings are taken."""
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(images), batch):
+            model(images[i:i + batch].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def quantized_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """Linear/Conv2d modules that carry an input and a weight quantizer, by path."""
     return {name: m for name, m in model.named_modules()

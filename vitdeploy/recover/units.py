@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..quantize.apply import run_with_hooks
+
 
 @dataclasses.dataclass
 class Unit:
@@ -105,13 +107,7 @@ def record(model: nn.Module, units: Sequence[Unit], images: torch.Tensor, batch:
         return fn
 
     handles = [modules[u.name].register_forward_hook(hook(u.name)) for u in units]
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(images), batch):
-            model(images[i:i + batch].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, handles, images, batch)
     return {name: {k: torch.cat(v) for k, v in parts.items() if v} for name, parts in store.items()}
 
 
