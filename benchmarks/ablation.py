@@ -91,6 +91,34 @@ def versus_plain(plain_flipped, flipped) -> str:
     return f"{fixed} / {broken} (p = {mcnemar(fixed, broken):.2g})"
 
 
+class PairedScore:
+    """Scores variants against FP32 (top-1 %, agreement %, KL(FP32 ‖ variant) ×1e3) and pairs each
+    with the first one scored since the last ``new_baseline()`` (fixed / broken, McNemar p)."""
+
+    def __init__(self, reference: torch.Tensor, labels) -> None:
+        self.fp32 = reference.argmax(1)
+        self.log_p = torch.log_softmax(reference.double(), 1)
+        self.labels = torch.as_tensor(np.asarray(labels))
+        self.baseline = None
+
+    def fp32_top1(self) -> float:
+        return round(float((self.fp32 == self.labels).float().mean() * 100), 2)
+
+    def new_baseline(self) -> None:
+        self.baseline = None
+
+    def __call__(self, out: torch.Tensor):
+        pred = out.float().argmax(1)
+        top1 = float((pred == self.labels).float().mean() * 100)
+        agree = float((pred == self.fp32).float().mean() * 100)
+        kl = float((self.log_p.exp() * (self.log_p - torch.log_softmax(out.double(), 1))).sum(1).mean())
+        flipped = pred != self.fp32
+        versus = "" if self.baseline is None else versus_plain(self.baseline, flipped)
+        if self.baseline is None:
+            self.baseline = flipped
+        return round(top1, 2), round(agree, 2), round(kl * 1e3, 2), versus
+
+
 def logits(model, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])

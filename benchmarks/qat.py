@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ablation import logits, versus_plain  # noqa: E402
+from ablation import PairedScore, logits  # noqa: E402
 from recovery import load  # noqa: E402
 from tests.integration.shared_data import SHARED  # noqa: E402
 from vitdeploy.inventory import find_layers  # noqa: E402
@@ -76,11 +76,8 @@ def run_model(name: str, args, work: Path) -> list:
     quantized = [n for n, p in precision.items() if p in QUANTIZED]
     weight_bits, activation_bits = parse_bits(args.bits)
     bits = None if (weight_bits, activation_bits) == (8, 8) else {"weights": weight_bits, "activations": activation_bits}
-    reference = logits(model, x)
-    fp32 = reference.argmax(1)
-    log_p = torch.log_softmax(reference.double(), 1)
-    rows = [[name, "FP32", round(float((fp32 == y).float().mean() * 100), 2), 100.0, 0.0, "", ""]]
-    plain_flipped = None
+    paired = PairedScore(logits(model, x), y)
+    rows = [[name, "FP32", paired.fp32_top1(), 100.0, 0.0, "", ""]]
 
     def forward_loop(m):
         with torch.no_grad():
@@ -88,17 +85,9 @@ def run_model(name: str, args, work: Path) -> list:
                 m(calib[i:i + 64])
 
     def score(label, qmodel, seconds):
-        nonlocal plain_flipped
-        out = logits(qmodel, x)
-        pred = out.argmax(1)
-        top1 = float((pred == y).float().mean() * 100)
-        agree = float((pred == fp32).float().mean() * 100)
-        kl = float((log_p.exp() * (log_p - torch.log_softmax(out.double(), 1))).sum(1).mean())
-        flipped = pred != fp32
-        versus = "" if plain_flipped is None else versus_plain(plain_flipped, flipped)
-        plain_flipped = flipped if plain_flipped is None else plain_flipped
-        rows.append([name, label, round(top1, 2), round(agree, 2), round(kl * 1e3, 2), round(seconds), versus])
-        print(f"  {name} {args.bits} {label}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL {kl:.3e}, "
+        top1, agree, kl, versus = paired(logits(qmodel, x))
+        rows.append([name, label, top1, agree, kl, round(seconds), versus])
+        print(f"  {name} {args.bits} {label}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL ×1e3 {kl}, "
               f"{seconds:.0f} s {versus}", file=sys.stderr, flush=True)
 
     def calibrated():

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ablation import load as load_small, logits, versus_plain  # noqa: E402
+from ablation import PairedScore, load as load_small, logits  # noqa: E402
 from tests.integration.shared_data import SHARED  # noqa: E402
 from vitdeploy.inventory import find_layers  # noqa: E402
 from vitdeploy.plan import QUANTIZED, PrecisionPlan  # noqa: E402
@@ -93,10 +93,8 @@ def run_model(name: str, args, work: Path) -> list:
     layers = find_layers(model, spec)
     precision = PrecisionPlan(default="int8", layers={}).resolve(layer.name for layer in layers)
     quantized = [n for n, p in precision.items() if p in QUANTIZED]
-    reference = logits(model, x)
-    fp32 = reference.argmax(1)
-    log_p = torch.log_softmax(reference.double(), 1)
-    rows = [[name, "FP32", "", round(float((fp32 == y).float().mean() * 100), 2), 100.0, 0.0, "", ""]]
+    score = PairedScore(logits(model, x), y)
+    rows = [[name, "FP32", "", score.fp32_top1(), 100.0, 0.0, "", ""]]
 
     def forward_loop(m):
         with torch.no_grad():
@@ -105,7 +103,7 @@ def run_model(name: str, args, work: Path) -> list:
 
     for setting in args.settings:
         bits = SETTINGS[setting]
-        plain_flipped = None
+        score.new_baseline()
         for variant in args.variants:
             start = time.perf_counter()
             techniques = Techniques(shift=True, softmax_shift=variant in SHIFTED)
@@ -118,19 +116,9 @@ def run_model(name: str, args, work: Path) -> list:
                 settings = RecoverySettings(**parts, **({"iters": args.iters} if args.iters is not None else {}))
                 recover(prepared, qmodel, layers, quantized, calib, settings)
             seconds = time.perf_counter() - start
-            out = logits(qmodel, x)
-            pred = out.argmax(1)
-            top1 = float((pred == y).float().mean() * 100)
-            agree = float((pred == fp32).float().mean() * 100)
-            kl = float((log_p.exp() * (log_p - torch.log_softmax(out.double(), 1))).sum(1).mean())
-            flipped = pred != fp32
-            if plain_flipped is None:
-                plain_flipped, versus = flipped, ""
-            else:
-                versus = versus_plain(plain_flipped, flipped)
-            rows.append([name, setting, variant, round(top1, 2), round(agree, 2), round(kl * 1e3, 2),
-                         round(seconds), versus])
-            print(f"  {name} {setting} {variant}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL {kl:.3e}, "
+            top1, agree, kl, versus = score(logits(qmodel, x))
+            rows.append([name, setting, variant, top1, agree, kl, round(seconds), versus])
+            print(f"  {name} {setting} {variant}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL ×1e3 {kl}, "
                   f"{seconds:.0f} s {versus}", file=sys.stderr, flush=True)
     return rows
 

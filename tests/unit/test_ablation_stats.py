@@ -28,3 +28,19 @@ def test_mcnemar_ties_and_no_discordant_pairs_are_chance(ablation):
 def test_mcnemar_is_symmetric_and_shrinks_with_evidence(ablation):
     assert ablation.mcnemar(3, 9) == ablation.mcnemar(9, 3)
     assert ablation.mcnemar(30, 90) < ablation.mcnemar(3, 9) < ablation.mcnemar(5, 7)
+
+
+def test_paired_score_pairs_each_variant_with_the_first(ablation):
+    import torch
+
+    reference = torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0], [0.0, 3.0]])
+    score = ablation.PairedScore(reference, [0, 1, 1, 1])
+    assert score.fp32_top1() == 75.0
+    top1, agree, kl, versus = score(reference.clone())
+    assert (top1, agree, kl, versus) == (75.0, 100.0, 0.0, "")     # the baseline: nothing to pair with
+    flipped_two = torch.tensor([[0.0, 3.0], [3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    top1, agree, kl, versus = score(flipped_two)
+    assert (top1, agree) == (25.0, 50.0) and kl > 0
+    assert versus.startswith("0 / 2 ")                               # broke two the baseline had right
+    score.new_baseline()
+    assert score(flipped_two)[3] == ""
