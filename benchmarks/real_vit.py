@@ -68,9 +68,10 @@ def main() -> int:
         record = json.loads((out / "build.json").read_text())
         acc = record["accuracy"]
         rows.append([target, acc["int8_computed_by"], acc["fp32_top1"], acc["int8_top1"], acc["agreement"],
+                     acc["kl_to_fp32"],
                      record["plan"]["int8_linear_mac_share"], ", ".join(record["plan"]["fp16_measured"]) or "-",
                      time.perf_counter() - start])
-    print(table(["target", "INT8 computed by", "FP32 top-1 %", "INT8 top-1 %", "agreement %",
+    print(table(["target", "INT8 computed by", "FP32 top-1 %", "INT8 top-1 %", "agreement %", "KL(FP32 ‖ INT8)",
                  "INT8 share of Linear MACs %", "kept FP16 by measurement", "build s"], rows))
     print(f"\ntimm vit_tiny_patch16_224 (ImageNet), 512 calibration samples, {len(np.load(data)['y'])} held-out "
           f"samples; options: {args.extra or 'defaults'}")

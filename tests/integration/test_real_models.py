@@ -56,7 +56,8 @@ def test_cifar10_build_folder_is_complete(cifar_build):
                          "attn_out": "int8", "mlp_fc1": "int8", "mlp_fc2": "int8"}
     assert record["plan"]["int8_linear_mac_share"] > 80.0
     assert record["files"]["model.int8.onnx"] < 0.4 * record["files"]["model.fp32.onnx"]
-    assert "| INT8" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| INT8" in report and f"KL(FP32 ‖ INT8) {record['accuracy']['kl_to_fp32']:.3g}" in report
 
 
 def test_cifar10_qdq_onnx_reproduces_pytorch_fake_quant(cifar_build, tmp_path):
@@ -101,6 +102,8 @@ def test_cifar10_agreement_with_fp32(cifar_build):
     assert abs(acc["int8_top1"] - acc["fp32_top1"]) <= 0.3
     assert acc["agreement"] >= 98.5 and acc["agreement_float_qdq"] >= 98.5
     assert acc["int8_computed_by"].startswith("ONNX Runtime's fused integer kernels")
+    # KL(FP32 ‖ INT8) beside agreement: positive (INT8 is not FP32) and small where agreement is high
+    assert 0 < acc["kl_to_fp32"] < 0.01 and 0 < acc["kl_float_qdq_to_fp32"] < 0.01
 
 
 def test_cifar10_cpu_file_is_exact_on_every_cpu_and_checked_here(cifar_build):
