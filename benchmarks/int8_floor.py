@@ -1,6 +1,6 @@
 """Where the default ViT-Tiny INT8 build's agreement with FP32 is lost, and how low it can go.
 
-    python benchmarks/int8_floor.py [--work DIR] [--threads N]
+    python benchmarks/int8_floor.py [--work DIR] [--threads N] [--every-layer]
 
 The jetson-orin default build's quantized model (measured plan, max calibration on 512 of the
 ``imagenet_samples`` photos, channel shift, FP16 attention), in PyTorch fake-quant, scored on the
@@ -16,6 +16,9 @@ default (fixed / broken, McNemar p). Variants switch one thing:
 * ``outlier split, k channels``: the k input channels with the largest calibrated |x| of every
   Linear bypass its INT8 quantizer (a deployment would add a k-wide FP16 MatMul per layer), the
   per-tensor scale set by the others.
+
+``--every-layer``: the same for the hardest plan TensorRT deploys (every Linear, the patch
+embedding, the head and both attention matmuls INT8: the recovery benchmark's plain row).
 
 It also prints how close to a tie FP32 is on the images the default build flips: agreement on a
 488-image sample moves by whole images, and the flips sit among the images with the smallest
@@ -43,7 +46,7 @@ from vitdeploy.inventory import find_layers  # noqa: E402
 from vitdeploy.load import load_model  # noqa: E402
 from vitdeploy.measured_plan import measured_plan  # noqa: E402
 from vitdeploy.pipeline import BuildConfig, _quantize  # noqa: E402
-from vitdeploy.plan import role_defaults  # noqa: E402
+from vitdeploy.plan import PrecisionPlan, role_defaults  # noqa: E402
 from vitdeploy.quantize.apply import quantized_layers, run_with_hooks  # noqa: E402
 from vitdeploy.quantize.quantizer import fake_quantize  # noqa: E402
 from vitdeploy.report import table  # noqa: E402
@@ -122,6 +125,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--every-layer", action="store_true", help="the hardest plan: every layer INT8")
     parser.add_argument("--stat-images", type=int, default=512, help="calibration images for GPTQ / split statistics")
     args = parser.parse_args()
     if args.threads:
@@ -136,8 +140,11 @@ def main() -> int:
     model, spec = load_model(WEIGHTS, "vit_tiny_patch16_224")
     calib = load_images(SAMPLES, spec).sample(512, 0)
     layers = find_layers(model, spec)
-    plan = measured_plan(model, layers, role_defaults(layers, include_attention=False), calib.subset(range(64)),
-                         "max", 90.0, 64)
+    if args.every_layer:
+        plan = PrecisionPlan(default="int8")
+    else:
+        plan = measured_plan(model, layers, role_defaults(layers, include_attention=False),
+                             calib.subset(range(64)), "max", 90.0, 64)
     cfg = BuildConfig(model=WEIGHTS, target="jetson-orin")
     qmodel, prepared, _, _ = _quantize(model, plan.resolve(l.name for l in layers), get_target("jetson-orin"),
                                        calib, cfg)
@@ -150,7 +157,8 @@ def main() -> int:
         flipped[what] = (out.float().argmax(1) != paired.fp32).numpy()
         print(f"{what}: agreement {rows[-1][2]:.2f} %", flush=True)
 
-    score("default build (jetson-orin)", logits(qmodel, x))
+    baseline = "every layer INT8 (jetson-orin)" if args.every_layer else "default build (jetson-orin)"
+    score(baseline, logits(qmodel, x))
     with activations_off(qmodel):
         score("weights INT8 only (activations float)", logits(qmodel, x))
     stats = torch.from_numpy(np.concatenate([b for b, _ in calib.batches(64)]))[:args.stat_images]
@@ -163,11 +171,12 @@ def main() -> int:
         score("weights INT8 only, GPTQ weights", logits(gptq_model, x))
     del gptq_model
     score("FP16 everything", logits(copy.deepcopy(prepared).half(), x.half()))
-    early = ["blocks.0.mlp.fc1", "blocks.0.attn.proj"]
+    early = [] if args.every_layer else ["blocks.0.mlp.fc1", "blocks.0.attn.proj"]
     for name in early:
         quantized_layers(qmodel)[name].weight_quantizer.enabled = False
-    with activations_off(qmodel, early):
-        score("+ FP16 blocks.0 fc1, proj", logits(qmodel, x))
+    if early:
+        with activations_off(qmodel, early):
+            score("+ FP16 blocks.0 fc1, proj", logits(qmodel, x))
     for name in early:
         quantized_layers(qmodel)[name].weight_quantizer.enabled = True
     originals = {name: layer.input_quantizer for name, layer in linears.items()}
@@ -181,7 +190,7 @@ def main() -> int:
     print(table(["variant", "top-1 %", "agreement with FP32 %", "KL x1e3", "vs default: fixed / broken"], rows))
     probs = reference.softmax(1).topk(2, 1).values
     margin = (probs[:, 0] - probs[:, 1]).numpy()
-    default_flipped = flipped["default build (jetson-orin)"]
+    default_flipped = flipped[baseline]
     print(f"\nFP32 top-2 probability margin: 5 % of the {len(x)} images below {np.quantile(margin, 0.05):.3f}, "
           f"10 % below {np.quantile(margin, 0.10):.3f}; on the {int(default_flipped.sum())} images the default "
           f"flips: {', '.join(f'{m:.3f}' for m in sorted(margin[default_flipped]))}")
