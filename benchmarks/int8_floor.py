@@ -47,7 +47,7 @@ from vitdeploy.load import load_model  # noqa: E402
 from vitdeploy.measured_plan import measured_plan  # noqa: E402
 from vitdeploy.pipeline import BuildConfig, _quantize  # noqa: E402
 from vitdeploy.plan import PrecisionPlan, role_defaults  # noqa: E402
-from vitdeploy.quantize.apply import quantized_layers, run_with_hooks  # noqa: E402
+from vitdeploy.quantize.apply import activation_quantizers, quantized_layers, run_with_hooks  # noqa: E402
 from vitdeploy.quantize.quantizer import fake_quantize  # noqa: E402
 from vitdeploy.report import table  # noqa: E402
 from vitdeploy.targets import get_target  # noqa: E402
@@ -77,8 +77,11 @@ def input_statistics(qmodel, images: torch.Tensor):
 
 
 class activations_off:
+    """Every activation quantizer off (the attention matmuls' too), or only the inputs of ``names``."""
+
     def __init__(self, qmodel, names=None):
-        self.quantizers = [m.input_quantizer for n, m in quantized_layers(qmodel).items() if names is None or n in names]
+        self.quantizers = (activation_quantizers(qmodel) if names is None else
+                           [m.input_quantizer for n, m in quantized_layers(qmodel).items() if n in names])
 
     def __enter__(self):
         for q in self.quantizers:
