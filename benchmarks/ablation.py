@@ -42,6 +42,7 @@ from tests.integration.shared_data import SHARED, import_model_file, mnist_npz  
 from vitdeploy.data import load_images  # noqa: E402
 from vitdeploy.inventory import find_layers  # noqa: E402
 from vitdeploy.load import load_model  # noqa: E402
+from vitdeploy.measure.evaluate import Predictions, agreement, kl_divergence  # noqa: E402
 from vitdeploy.plan import PrecisionPlan  # noqa: E402
 from vitdeploy.quantize.techniques import Techniques, quantize_with_techniques  # noqa: E402
 from vitdeploy.report import table  # noqa: E402
@@ -92,31 +93,28 @@ def versus_plain(plain_flipped, flipped) -> str:
 
 
 class PairedScore:
-    """Scores variants against FP32 (top-1 %, agreement %, KL(FP32 ‖ variant) ×1e3) and pairs each
-    with the first one scored since the last ``new_baseline()`` (fixed / broken, McNemar p)."""
+    """Scores variants against FP32 (top-1 %, agreement %, KL(FP32 ‖ variant) ×1e3, with the build's own
+    measures) and pairs each with the first one scored since the last ``new_baseline()`` (fixed /
+    broken, McNemar p). ``flipped``: the last variant's images whose class differs from FP32's."""
 
     def __init__(self, reference: torch.Tensor, labels) -> None:
-        self.fp32 = reference.argmax(1)
-        self.log_p = torch.log_softmax(reference.double(), 1)
-        self.labels = torch.as_tensor(np.asarray(labels))
-        self.baseline = None
+        self.fp32 = Predictions(reference.float().numpy(), np.asarray(labels))
+        self.baseline = self.flipped = None
 
     def fp32_top1(self) -> float:
-        return round(float((self.fp32 == self.labels).float().mean() * 100), 2)
+        return round(self.fp32.top1, 2)
 
     def new_baseline(self) -> None:
         self.baseline = None
 
     def __call__(self, out: torch.Tensor):
-        pred = out.float().argmax(1)
-        top1 = float((pred == self.labels).float().mean() * 100)
-        agree = float((pred == self.fp32).float().mean() * 100)
-        kl = float((self.log_p.exp() * (self.log_p - torch.log_softmax(out.double(), 1))).sum(1).mean())
-        flipped = pred != self.fp32
-        versus = "" if self.baseline is None else versus_plain(self.baseline, flipped)
+        variant = Predictions(out.float().numpy(), self.fp32.labels)
+        self.flipped = variant.argmax != self.fp32.argmax
+        versus = "" if self.baseline is None else versus_plain(self.baseline, self.flipped)
         if self.baseline is None:
-            self.baseline = flipped
-        return round(top1, 2), round(agree, 2), round(kl * 1e3, 2), versus
+            self.baseline = self.flipped
+        return (round(variant.top1, 2), round(agreement(self.fp32, variant), 2),
+                round(kl_divergence(self.fp32, variant) * 1e3, 2), versus)
 
 
 def logits(model, x: torch.Tensor, batch: int = 100) -> torch.Tensor:

@@ -157,7 +157,7 @@ def main() -> int:
 
     def score(what: str, out: torch.Tensor) -> None:
         rows.append([what, *paired(out)])
-        flipped[what] = (out.float().argmax(1) != paired.fp32).numpy()
+        flipped[what] = paired.flipped
         print(f"{what}: agreement {rows[-1][2]:.2f} %", flush=True)
 
     baseline = "every layer INT8 (jetson-orin)" if args.every_layer else "default build (jetson-orin)"

@@ -77,12 +77,10 @@ def write_build_report(path: Path, record: dict) -> None:
                         ([["INT8", acc["int8_top1"]]] if "int8_top1" in acc else []))]
         if "agreement" in acc:
             lines += ["", f"INT8 ({acc.get('int8_computed_by', 'ONNX Runtime')}) predicts the same class as FP32 on "
-                          f"{acc['agreement']:.2f} % of the images" +
-                          (f" (KL(FP32 ‖ INT8) {acc['kl_to_fp32']:.3g})." if "kl_to_fp32" in acc else ".")]
+                          f"{acc['agreement']:.2f} % of the images (KL(FP32 ‖ INT8) {acc['kl_to_fp32']:.3g})."]
         if "agreement_float_qdq" in acc:
             lines += [f"With Q/DQ evaluated in float: top-1 {acc['int8_float_qdq_top1']:.2f} %, agreement "
-                      f"{acc['agreement_float_qdq']:.2f} %" +
-                      (f", KL {acc['kl_float_qdq_to_fp32']:.3g}." if "kl_float_qdq_to_fp32" in acc else ".")]
+                      f"{acc['agreement_float_qdq']:.2f} %, KL {acc['kl_float_qdq_to_fp32']:.3g}."]
     recovery = record.get("recovery")
     if recovery:
         switches = [k for k in ("progressive", "lowrank", "softmax", "curriculum") if recovery["settings"][k]]
