@@ -18,7 +18,7 @@ from vitdeploy.plan import PrecisionPlan
 from vitdeploy.qat import QatSettings, parse_bits, train_qat
 from vitdeploy.qat.distill import dgd_loss, kd_loss, similarity
 from vitdeploy.qat.irm import Rectifier, fold_irm, install_irm
-from vitdeploy.qat.lsq import LsqQuantizer, fold_lsq, init_steps_mse, install_lsq
+from vitdeploy.qat.lsq import LsqQuantizer, fold_lsq, install_lsq
 from vitdeploy.quantize.techniques import Techniques, quantize_with_techniques
 
 FAST = dict(epochs=2, batch=8, lr=1e-3)
@@ -99,7 +99,7 @@ def test_lsq_gradient_reaches_the_step_and_is_scaled():
 
 
 def test_mse_start_below_8_bits_clips_outliers():
-    from vitdeploy.qat.lsq import _best_clip
+    from vitdeploy.quantize.low_bit import best_clip as _best_clip
 
     torch.manual_seed(0)
     values = torch.cat([torch.randn(100000), torch.tensor([50.0])]).reshape(1, -1)
@@ -322,3 +322,28 @@ def test_cli_qat_errors(tiny_vit, calib_npz, tmp_path, capsys):
     assert "no checkpoint" in err and "Traceback" not in err and not (tmp_path / "o").exists()
     assert main(base + ["--target", "jetson-tx2", "--epochs", "1"]) == 2
     assert "no INT8" in capsys.readouterr().err
+
+
+def test_torchrun_runs_the_qat_command_on_two_cpu_processes(tiny_vit, calib_npz, tmp_path):
+    """The documented command, not the library: `torchrun --nproc-per-node 2 -m vitdeploy qat ...`
+    (gloo on CPUs) trains on both ranks, rank 0 alone writes the one output folder and reports, and
+    the checkpoint is gone afterwards."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "vitdeploy", "qat", str(tiny_vit.state_dict), "--arch", tiny_vit.arch,
+           "--model-kwargs", tiny_vit.kwargs, "--data", str(calib_npz), "--out", str(out), "--bits", "W8A8",
+           "--epochs", "1", "--batch-size", "8", "--calib-size", "16", "--target", "jetson-orin"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("built ") == 1, done.stdout            # rank 0 reports, once
+    record = json.loads((out / "build.json").read_text())
+    assert record["qat"]["processes"] == 2 and record["qat"]["rank"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]    # no second folder, no checkpoint left
+    assert (out / "model.int8.onnx").is_file()

@@ -32,7 +32,7 @@ def _images(n=24, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32))
 
 
-def _quantized(model, spec, images, plan=None):
+def _quantized(model, spec, images, plan=None, num_bits=None):
     layers = find_layers(model, spec)
     precision = (plan or PrecisionPlan(default="int8", layers={})).resolve(layer.name for layer in layers)
 
@@ -41,7 +41,7 @@ def _quantized(model, spec, images, plan=None):
             m(images)
 
     qmodel, prepared, _ = quantize_with_techniques(model, precision, "jetson-orin", loop, "max",
-                                                   Techniques(shift=True, softmax_shift=False))
+                                                   Techniques(shift=True, softmax_shift=False), num_bits=num_bits)
     return layers, precision, qmodel, prepared
 
 
@@ -185,6 +185,31 @@ def test_recovery_is_deterministic_folds_and_does_not_hurt(tiny_vit, switches):
     with torch.no_grad():
         after = float((qmodel(images) - model(images)).pow(2).mean())
     assert after < before
+
+
+def test_below_8_bits_recovery_starts_at_the_mse_clip_and_int8_is_left_alone(tiny_vit):
+    """A 4-bit step over a max range leaves most values at 0, and a learned step moves too little in a
+    unit's steps to fix that: below 8 bits every symmetric quantizer starts at its MSE clip."""
+    from vitdeploy.quantize.low_bit import clippable
+
+    model, spec = _tiny(tiny_vit)
+    images = _images()
+    settings = RecoverySettings(**FAST, progressive=False, lowrank=False)
+    for bits, clipped in ((None, 0), ({"weights": 4, "activations": 4}, None)):
+        layers, precision, qmodel, prepared = _quantized(model, spec, images, num_bits=bits)
+        expected = sum(1 for m in qmodel.modules() if clippable(m) and m.num_bits < 8)
+        amax = {n: m.amax.clone() for n, m in qmodel.named_modules() if clippable(m)}
+        with torch.no_grad():
+            before = float((qmodel(images) - model(images)).pow(2).mean())
+        result = recover(prepared, qmodel, layers, [n for n, p in precision.items() if p == "int8"], images, settings)
+        assert result["mse_clipped_quantizers"] == (expected if clipped is None else clipped)
+        with torch.no_grad():
+            after = float((qmodel(images) - model(images)).pow(2).mean())
+        assert after < before, (bits, before, after)
+        if bits:   # clipped: some ranges ended well inside their calibrated max
+            assert expected > 0
+            shrunk = [n for n, m in qmodel.named_modules() if n in amax and bool((m.amax < 0.9 * amax[n]).any())]
+            assert shrunk, "no quantizer's range was clipped"
 
 
 def test_recovered_build_has_the_same_graph_passes_lint_and_verification(tiny_vit, calib_npz, tmp_path):

@@ -28,9 +28,10 @@ from torch import nn
 
 from ..errors import InputError
 from ..log import get_logger, progress_bar
+from ..quantize.low_bit import mse_clip_below_8_bits
 from .distill import QkTaps, dgd_loss, kd_loss, tapped_teacher
 from .irm import fold_irm, install_irm
-from .lsq import LsqQuantizer, fold_lsq, init_steps_mse, install_lsq
+from .lsq import LsqQuantizer, fold_lsq, install_lsq
 
 log = get_logger(__name__)
 
@@ -103,7 +104,7 @@ def prepare(qmodel: nn.Module, images: torch.Tensor, settings: QatSettings) -> d
     """Sub-8-bit MSE start, rectifiers and LSQ quantizers installed in ``qmodel`` (in place, deterministic
     from the calibrated model and ``images``, so a resumed run rebuilds the same structure)."""
     probe = images[:64]
-    mse = init_steps_mse(qmodel, probe) if min(settings.weight_bits, settings.activation_bits) < 8 else 0
+    mse = mse_clip_below_8_bits(qmodel, probe) if min(settings.weight_bits, settings.activation_bits) < 8 else 0
     rectified = install_irm(qmodel, probe) if settings.irm else []
     lsq = install_lsq(qmodel)
     return {"mse_initialised": mse, "rectified": rectified, "lsq_quantizers": len(lsq)}

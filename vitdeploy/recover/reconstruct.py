@@ -13,6 +13,7 @@ started (measured on held-back images, with hard rounding) is put back.
 ``progressive`` (the thesis's schedule) turns the quantizers on in stages -- MLP, attention output,
 QKV with the attention matmuls, then patch embedding and head -- and reconstructs after each, so
 later stages adapt to earlier ones; without it there is one stage with every quantizer on.
+Below 8 bits every quantizer starts at its MSE clip (quantize/low_bit.py), as `vitdeploy qat` does.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..log import get_logger, progress
 from ..quantize.apply import quantized_attentions, quantized_layers
+from ..quantize.low_bit import mse_clip_below_8_bits
 from .learnable import LearnedStep, LearnedWeight, learnable_activation
 from .softmax_focus import focus_softmax
 from .units import find_units, mark_chains, record, record_reference
@@ -162,6 +164,8 @@ def recover(fp32: nn.Module, qmodel: nn.Module, layers: Sequence, quantized: Seq
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     roles = {layer.name: layer.role for layer in layers}
+    # Below 8 bits the learned steps start at the MSE clip, not the calibrated max (low_bit.py).
+    clipped = mse_clip_below_8_bits(qmodel.eval(), images[:64])
     fp32, qmodel = fp32.eval().to(device), qmodel.eval().to(device)
     # Attentions by structure, quantized or not: a unit holds at most one (a block), whatever the plan.
     attention_paths = sorted({layer.name.rpartition(".")[0] for layer in layers
@@ -176,7 +180,7 @@ def recover(fp32: nn.Module, qmodel: nn.Module, layers: Sequence, quantized: Seq
     stages = _stages(quantized, roles, settings.progressive)
     last_stage = {u.name: max(i for i, (_, names) in enumerate(stages) if set(names) & set(u.layers)) for u in units}
     result = {"settings": settings.to_dict(), "device": str(device), "images": len(images),
-              "units": [u.name for u in units], "stages": []}
+              "units": [u.name for u in units], "stages": [], "mse_clipped_quantizers": clipped}
     active: List[str] = []
     total = sum(1 for _, names in stages for u in units if set(names) & set(u.layers))
     bar = progress(range(total), "recover", total=total)
