@@ -11,7 +11,8 @@ the qkv input (after LayerNorm 1), q and k, v, the softmax output, the attention
 fc1 input (after LayerNorm 2), the fc2 input (after GELU), the patch embedding's and the head's
 inputs -- and each group is measured twice: *alone* at low bits (every other quantizer off: what
 that group costs by itself) and *left out* (every other quantizer on, that group float: what is
-left when it is fixed). A group whose "left out" row is still near zero is not the only problem.
+left when it is fixed). A group whose "left out" row is still near zero is not the only problem; a
+last row leaves out the two groups that cost the most alone.
 Two starting points: ``max`` (the calibrated range, what PTQ plain and the recovery start from)
 and ``mse-clip`` (below 8 bits each quantizer's max clipped to its least-squared-error value, per
 channel for weights -- the start ``vitdeploy qat`` trains from).
@@ -98,13 +99,19 @@ def run_model(name: str, args, work: Path) -> list:
                   f"KL ×1e3 {kl}", file=sys.stderr, flush=True)
 
         score(f"all {args.bits}")
+        alone = {}
         for group, quantizers in groups.items():
             for q in everything:
                 q.enabled = q in quantizers
             score(f"{group} alone")
+            alone[group] = rows[-1][4]
             for q in everything:
                 q.enabled = q not in quantizers
             score(f"all but {group}")
+        worst = sorted(alone, key=alone.get)[:2]   # the two groups that cost the most by themselves
+        for q in everything:
+            q.enabled = not any(q in groups[g] for g in worst)
+        score(f"all but {' and '.join(worst)}")
         for q in everything:
             q.enabled = True
         print(f"  {name} {method}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

@@ -1,12 +1,15 @@
 """Below 8 bits, a max-calibrated range wastes most codes on rare outliers: start from the MSE clip.
 
 A 4-bit step over the real ViT's post-GELU fc2 input (max 217) is 31, so every value under 15
-reads 0. `mse_clip_below_8_bits` moves each sub-8-bit symmetric quantizer's amax to the clip of
-it that minimises the squared quantization error. Both learning stages start from it: `vitdeploy
-qat` (its LSQ steps) and `--recover` (its learned steps, which move by about e^±1 in a unit's
-100 gradient steps -- far less than the 8 to 30 times such a step must shrink).
+reads 0. `mse_clips` finds, for each sub-8-bit symmetric quantizer, the clip of its range with the
+least squared quantization error. `vitdeploy qat` starts its LSQ steps there
+(`mse_clip_below_8_bits`); `--recover` tries each clip inside its unit and keeps it where the
+unit's loss falls (recover/reconstruct.py): the clip best for a tensor can cut the one massive
+token its block carries.
 """
 from __future__ import annotations
+
+from typing import Dict
 
 import torch
 from torch import nn
@@ -26,21 +29,22 @@ def clippable(q) -> bool:
 
 
 @torch.no_grad()
-def mse_clip_below_8_bits(qmodel: nn.Module, images: torch.Tensor, batch: int = 32, max_values: int = 1 << 20) -> int:
-    """Below 8 bits, the calibrated max range wastes most codes on rare outliers (a 4-bit step over the
-    real ViT's fc2 input, max 217, is 31): every sub-8-bit quantizer starts instead at the clip of its
-    max that minimises the mean squared quantization error -- per channel for weights, on a sample of
-    the quantizer's own inputs over ``images`` for activations. Returns the quantizers changed."""
-    changed = 0
+def mse_clips(qmodel: nn.Module, images: torch.Tensor, batch: int = 32, max_values: int = 1 << 20,
+              weights: bool = True, activations: bool = True) -> Dict[int, torch.Tensor]:
+    """{id(quantizer): its MSE clip} for every sub-8-bit symmetric quantizer of ``qmodel``, which is left
+    as it is: per channel for weights, on a sample of the quantizer's own inputs over ``images`` for
+    activations (inputs as ``qmodel`` computes them now)."""
     quantizers = {id(q): q for m in qmodel.modules() for attr in QUANTIZER_ATTRS
                   for q in [getattr(m, attr, None)] if clippable(q) and q.num_bits < 8}
-    for m in qmodel.modules():   # weights: no data needed
+    clips = {}
+    for m in qmodel.modules() if weights else ():   # weights: no data needed
         q = getattr(m, "weight_quantizer", None)
         if id(q) in quantizers and q.axis is not None:
             w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
-            q.set_amax(best_clip(w, q.amax.reshape(-1, 1), q.num_bits).reshape(q.amax.shape))
-            changed += 1
-    activations = [q for q in quantizers.values() if q.axis is None]
+            clips[id(q)] = best_clip(w, q.amax.reshape(-1, 1).to(w.device), q.num_bits).reshape(q.amax.shape)
+    activations = [q for q in quantizers.values() if q.axis is None] if activations else []
+    if not activations:   # nothing to sample (INT8: nothing at all): no forward pass
+        return clips
     samples = {id(q): [] for q in activations}
     gen = torch.Generator().manual_seed(0)
 
@@ -56,8 +60,23 @@ def mse_clip_below_8_bits(qmodel: nn.Module, images: torch.Tensor, batch: int = 
         x = torch.cat(samples[id(q)])
         if x.numel() > max_values:
             x = x[torch.randint(0, x.numel(), (max_values,), generator=gen)]
-        q.set_amax(best_clip(x.reshape(1, -1), q.amax.reshape(1, 1).cpu(), q.num_bits).reshape(()))
-        changed += 1
+        clips[id(q)] = best_clip(x.reshape(1, -1), q.amax.reshape(1, 1).cpu(), q.num_bits).reshape(())
+    return clips
+
+
+@torch.no_grad()
+def mse_clip_below_8_bits(qmodel: nn.Module, images: torch.Tensor, batch: int = 32) -> int:
+    """Every sub-8-bit symmetric quantizer of ``qmodel`` set to its MSE clip (`mse_clips`): the weights
+    first, then the activations measured with the clipped weights. Returns the quantizers changed."""
+    changed = 0
+    for weights in (True, False):
+        clips = mse_clips(qmodel, images, batch, weights=weights, activations=not weights)
+        for m in qmodel.modules():
+            for attr in QUANTIZER_ATTRS:
+                q = getattr(m, attr, None)
+                if id(q) in clips:
+                    q.set_amax(clips.pop(id(q)))
+                    changed += 1
     return changed
 
 

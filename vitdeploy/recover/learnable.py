@@ -3,7 +3,8 @@
 * `LearnedWeight` replaces a layer's per-channel ``weight_quantizer``: AdaRound's soft rounding
   (each weight rounds down or up, ``h(V)`` in [0, 1] learned, Nagel et al. 2020) of ``W + B·A``,
   where ``B·A`` is AIQViT's low-rank compensation (rank r, zero at the start, in units of the step). The scale stays the
-  calibrated one, so `fold` writes an ordinary weight that lies exactly on the INT8 grid:
+  calibrated one (below 8 bits possibly its MSE clip, `use_scale`), so `fold` writes an ordinary weight
+  that lies exactly on the INT8 grid:
   ``W' = s·clamp(floor((W + B·A)/s) + [h >= 0.5])`` -- the exported graph is the same graph with
   other numbers in its initializers.
 * `LearnedStep` replaces a per-tensor symmetric activation quantizer: its step size is learned
@@ -54,6 +55,7 @@ class LearnedWeight(nn.Module):
         if rank > 0:
             self.set_rank(rank, weight, generator)
         self.hard = False
+        self.rescaled = False
         self.enabled = quantizer.enabled
 
     @property
@@ -68,6 +70,16 @@ class LearnedWeight(nn.Module):
         a = torch.randn(rank, in_f, generator=generator) / math.sqrt(in_f)
         self.a = nn.Parameter(a.to(weight.device))
         self.b = nn.Parameter(torch.zeros(out_f, rank, device=weight.device))
+
+    @torch.no_grad()
+    def use_scale(self, scale: torch.Tensor, weight: torch.Tensor) -> None:
+        """Quantize on another per-channel grid (a clipped one), starting again at round-to-nearest
+        there; `fold` then writes that grid's amax into the original quantizer."""
+        self.scale.copy_(scale.reshape(self.scale.shape).to(self.scale))
+        frac = (weight.detach() / self.scale) - torch.floor(weight.detach() / self.scale)
+        ratio = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.v.copy_(torch.log(ratio / (1 - ratio)))
+        self.rescaled = True
 
     def rounding(self) -> torch.Tensor:
         if self.hard:

@@ -13,7 +13,11 @@ started (measured on held-back images, with hard rounding) is put back.
 ``progressive`` (the thesis's schedule) turns the quantizers on in stages -- MLP, attention output,
 QKV with the attention matmuls, then patch embedding and head -- and reconstructs after each, so
 later stages adapt to earlier ones; without it there is one stage with every quantizer on.
-Below 8 bits every quantizer starts at its MSE clip (quantize/low_bit.py), as `vitdeploy qat` does.
+Below 8 bits each unit first tries, quantizer by quantizer, the MSE clip of its calibrated range
+(quantize/low_bit.py) and keeps it where the unit's loss falls: a learned step moves by about e^±1
+in 100 steps, and a 4-bit step over a max range (217 for ViT-Tiny's massive fc2 input) must shrink
+10-30 times -- yet the clip that is best for the tensor can be worse for the block (the massive
+token it clips is what the block carries), so the unit's loss decides, not the tensor's error.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from torch import nn
 
 from ..log import get_logger, progress
 from ..quantize.apply import quantized_attentions, quantized_layers
-from ..quantize.low_bit import mse_clip_below_8_bits
+from ..quantize.low_bit import mse_clips
 from .learnable import LearnedStep, LearnedWeight, learnable_activation
 from .softmax_focus import focus_softmax
 from .units import find_units, mark_chains, record, record_reference
@@ -87,6 +91,7 @@ class _Learnables:
         self.weights: Dict[str, LearnedWeight] = {}
         self.steps: Dict[str, List[LearnedStep]] = {}
         self.switches: Dict[str, List] = {}     # layer → every quantizer-like object its stage turns on
+        self.clips: Dict[nn.Module, torch.Tensor] = {}   # below 8 bits: clipped values still to try
         layers, attentions = quantized_layers(qmodel), quantized_attentions(qmodel)
         for name in names:
             if name in layers:
@@ -112,6 +117,18 @@ class _Learnables:
         self.steps.setdefault(name, []).append(step)
         return step
 
+    def offer_clips(self, clips: Dict[int, torch.Tensor]) -> None:
+        """{learned quantizer: the clipped value to try} from {id(original quantizer): clipped amax}:
+        a weight's per-channel scale, a step's log-scale."""
+        self.clips = {}
+        for name, lw in self.weights.items():
+            if id(lw.original) in clips:
+                self.clips[lw] = clips[id(lw.original)] / lw.qmax
+        for steps in self.steps.values():
+            for step in steps:
+                if id(step.original) in clips:
+                    self.clips[step] = torch.log(clips[id(step.original)] / step.qmax)
+
     def enable(self, names) -> None:
         on = set(names)
         for name, objs in self.switches.items():
@@ -128,6 +145,8 @@ class _Learnables:
             lw = m.weight_quantizer
             with torch.no_grad():
                 m.weight.data = lw.folded(m.weight).to(m.weight.dtype)
+            if lw.rescaled:   # the clipped grid the weight now lies on
+                lw.original.set_amax((lw.scale * lw.qmax).reshape(lw.original.amax.shape).cpu())
             m.weight_quantizer = lw.original
             m.weight_quantizer.enabled = True
         for module in self.modules.values():
@@ -164,14 +183,14 @@ def recover(fp32: nn.Module, qmodel: nn.Module, layers: Sequence, quantized: Seq
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     roles = {layer.name: layer.role for layer in layers}
-    # Below 8 bits the learned steps start at the MSE clip, not the calibrated max (low_bit.py).
-    clipped = mse_clip_below_8_bits(qmodel.eval(), images[:64])
+    clips = mse_clips(qmodel.eval(), images[:64])   # below 8 bits only: {} at INT8
     fp32, qmodel = fp32.eval().to(device), qmodel.eval().to(device)
     # Attentions by structure, quantized or not: a unit holds at most one (a block), whatever the plan.
     attention_paths = sorted({layer.name.rpartition(".")[0] for layer in layers
                               if layer.role in ("attn_qk", "qkv")})
     units = find_units(fp32, list(quantized), images[:1].to(device), attention_paths)
     learn = _Learnables(qmodel, quantized, max(settings.ranks) if settings.lowrank else 0, gen)
+    learn.offer_clips(clips)
     learn.set_hard(True)
     for p in qmodel.parameters():
         p.requires_grad_(False)
@@ -180,7 +199,7 @@ def recover(fp32: nn.Module, qmodel: nn.Module, layers: Sequence, quantized: Seq
     stages = _stages(quantized, roles, settings.progressive)
     last_stage = {u.name: max(i for i, (_, names) in enumerate(stages) if set(names) & set(u.layers)) for u in units}
     result = {"settings": settings.to_dict(), "device": str(device), "images": len(images),
-              "units": [u.name for u in units], "stages": [], "mse_clipped_quantizers": clipped}
+              "units": [u.name for u in units], "stages": [], "clip_candidates": len(learn.clips)}
     active: List[str] = []
     total = sum(1 for _, names in stages for u in units if set(names) & set(u.layers))
     bar = progress(range(total), "recover", total=total)
@@ -324,6 +343,9 @@ def _reconstruct(module: nn.Module, x: torch.Tensor, ref: Dict[str, torch.Tensor
     snapshot = _snapshot(weights, steps, biases, attentions)
     before = guard_loss()
     out: dict = {"loss_before": before}
+    offered = [q for q in weights + steps if q in learn.clips]
+    if offered:
+        out["clipped"] = _try_clips(offered, learn, names, guard_loss, before)
     if settings.softmax and attentions:
         out["softmax"] = focus_softmax(attentions, guard_loss)
     order = torch.arange(n)
@@ -366,6 +388,32 @@ def _reconstruct(module: nn.Module, x: torch.Tensor, ref: Dict[str, torch.Tensor
         for m in layer_modules:
             m.bias_learned = True
     return out
+
+
+@torch.no_grad()
+def _try_clips(offered, learn: _Learnables, names, guard_loss, loss: float) -> int:
+    """Each offered quantizer's MSE clip, one at a time, kept where the unit's loss falls; each is
+    offered once (a later stage keeps what this one decided). Returns how many were kept."""
+    weight_of = {learn.weights[n]: learn.modules[n].weight for n in names if n in learn.weights}
+    kept = 0
+    for q in offered:
+        value = learn.clips.pop(q)
+        if isinstance(q, LearnedWeight):
+            old = (q.scale.clone(), q.v.detach().clone(), q.rescaled)
+            q.use_scale(value, weight_of[q])
+        else:
+            old = q.log_scale.detach().clone()
+            q.log_scale.copy_(value.to(q.log_scale))
+        trial = guard_loss()
+        if trial < loss:
+            loss, kept = trial, kept + 1
+        elif isinstance(q, LearnedWeight):
+            q.scale.copy_(old[0])
+            q.v.copy_(old[1])
+            q.rescaled = old[2]
+        else:
+            q.log_scale.copy_(old)
+    return kept
 
 
 def _param_groups(weights, steps, biases, settings: RecoverySettings):
@@ -416,7 +464,7 @@ def _choose_ranks(names, learn: _Learnables, candidates, guard_loss) -> Dict[str
 
 def _snapshot(weights, steps, biases, attentions):
     return ([(w.v.detach().clone(), None if w.a is None else w.a.detach().clone(),
-              None if w.b is None else w.b.detach().clone()) for w in weights],
+              None if w.b is None else w.b.detach().clone(), w.scale.clone(), w.rescaled) for w in weights],
             [s.log_scale.detach().clone() for s in steps], [b.detach().clone() for b in biases],
             [_softmax_state(a) for a in attentions])
 
@@ -431,8 +479,10 @@ def _softmax_state(module):
 @torch.no_grad()
 def _restore(snapshot, weights, steps, biases, attentions) -> None:
     w_state, s_state, b_state, a_state = snapshot
-    for w, (v, a, b) in zip(weights, w_state):
+    for w, (v, a, b, scale, rescaled) in zip(weights, w_state):
         w.v.copy_(v)
+        w.scale.copy_(scale)
+        w.rescaled = rescaled
         if a is not None:
             w.a.copy_(a)
             w.b.copy_(b)
