@@ -28,3 +28,5 @@ run demo          .venv/bin/vitdeploy demo --out "$out/demo"
 run recovery      "$py" benchmarks/recovery.py --json "$out/recovery.json"
 # Quantization-aware training at W4A4 (docs/qat.md): about 10 minutes per variant on cifar10_vit.
 run qat           "$py" benchmarks/qat.py --json "$out/qat.json"
+# Where W4A4 is lost on ViT-Tiny, quantizer group by group (docs/recovery.md): about 12 minutes.
+run low_bit_probe "$py" benchmarks/low_bit_probe.py --models imagenet_vit_tiny
