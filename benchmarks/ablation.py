@@ -117,6 +117,21 @@ class PairedScore:
                 round(kl_divergence(self.fp32, variant) * 1e3, 2), versus)
 
 
+def run_models(args, run_model, prefix: str):
+    """``run_model(name, args, work)`` for each of ``args.models`` in one temporary folder, after
+    ``--threads``; the rows of all, or None (and a line saying why) without the shared assets."""
+    if not SHARED.is_dir():
+        print(f"no real assets at {SHARED}", file=sys.stderr)
+        return None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        for name in args.models:
+            rows += run_model(name, args, Path(work))
+    return rows
+
+
 def logits(model, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ablation import PairedScore, logits  # noqa: E402
+from ablation import PairedScore, logits, run_models  # noqa: E402
 from recovery import load  # noqa: E402
-from tests.integration.shared_data import SHARED  # noqa: E402
 from vitdeploy.inventory import find_layers  # noqa: E402
 from vitdeploy.plan import PrecisionPlan  # noqa: E402
 from vitdeploy.qat import parse_bits  # noqa: E402
@@ -126,16 +124,10 @@ def main() -> int:
     parser.add_argument("--calib-size", type=int, default=512)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        print(f"no real assets at {SHARED}", file=sys.stderr)
-        return 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="vitdeploy-probe-") as work:
-        for name in args.models:
-            rows += run_model(name, args, Path(work))
+    rows = run_models(args, run_model, "vitdeploy-probe-")
+    if rows is None:
+        return 1
     print(table(["model", "start", "quantized", "top-1 %", "agreement with FP32 %", "KL ×1e3"], rows))
     print(f"\n{time.perf_counter() - started:.0f} s in all; {args.bits}, every layer quantized; PyTorch fake-quant; "
           f"{torch.get_num_threads()} threads.")

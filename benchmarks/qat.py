@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ablation import PairedScore, logits  # noqa: E402
+from ablation import PairedScore, logits, run_models  # noqa: E402
 from recovery import load  # noqa: E402
 from tests.integration.shared_data import SHARED  # noqa: E402
 from vitdeploy.inventory import find_layers  # noqa: E402
@@ -135,16 +134,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        print(f"no real assets at {SHARED}", file=sys.stderr)
-        return 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="vitdeploy-qat-") as work:
-        for name in args.models:
-            rows += run_model(name, args, Path(work))
+    rows = run_models(args, run_model, "vitdeploy-qat-")
+    if rows is None:
+        return 1
     headers = ["model", "variant", "top-1 %", "agreement with FP32 %", "KL ×1e3", "seconds",
                "vs PTQ plain: fixed / broken (McNemar p)"]
     print(table(headers, rows))
