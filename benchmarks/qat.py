@@ -9,6 +9,10 @@ for jetson-orin (softmax unshifted) -- the recovery benchmark's setting, so its 
 
 * ``PTQ plain``: calibration only; ``PTQ recovery (all)``: ``--recover``'s block reconstruction with
   every part, the best post-training result of benchmarks/recovery.py at W4A4;
+* ``FP32, same training`` (labelled data only): the FP32 model trained with QAT's recipe and no
+  quantizer, the reference a top-1 above the untrained FP32 model is read against; each QAT row
+  trained with labels is scored against it as well (``..., against FP32 same training``: agreement
+  and KL to that model -- what the quantization costs once the training is the same);
 * QAT ``LSQ`` (learned steps, logit distillation), ``+IRM`` (rectified q/k), ``+DGD`` (q/k
   similarity distillation), ``both`` (Q-ViT: IRM and DGD) -- what ``vitdeploy qat`` trains.
 
@@ -23,6 +27,7 @@ exported ONNX computes the same).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -50,6 +55,10 @@ VARIANTS = {
     "+DGD": dict(irm=False, dgd=True),
     "both": dict(irm=True, dgd=True),
     "both, no labels": dict(irm=True, dgd=True),
+    # The reference for "within 2 points of FP32" where the images have labels: the FP32 model itself
+    # trained with the same recipe (cross-entropy + logit distillation from its untrained copy, same
+    # epochs, rate and order), no quantizer -- what the training alone does to top-1.
+    "FP32, same training": dict(irm=False, dgd=False, weight_bits=8, activation_bits=8),
 }
 
 
@@ -85,6 +94,7 @@ def run_model(name: str, args, work: Path) -> list:
 
     def score(label, qmodel, seconds):
         top1, agree, kl, versus = paired(logits(qmodel, x))
+        versus = "" if label.startswith("FP32") else versus   # a trained FP32 model is no quantization of it
         rows.append([name, label, top1, agree, kl, round(seconds), versus])
         print(f"  {name} {args.bits} {label}: top-1 {top1:.2f} %, agreement {agree:.2f} %, KL ×1e3 {kl}, "
               f"{seconds:.0f} s {versus}", file=sys.stderr, flush=True)
@@ -108,16 +118,27 @@ def run_model(name: str, args, work: Path) -> list:
                        batch=args.batch_size, seed=0)
     if args.lr is not None:
         base = dataclasses.replace(base, lr=args.lr)
-    for variant in args.variants:
+    # The FP32 reference first, so each QAT row can also be read against it (what quantization costs
+    # once the training is the same).
+    variants = sorted(args.variants, key=lambda v: not v.startswith("FP32"))
+    trained_fp32, trained_rows = None, []
+    for variant in variants:
         if variant == "both, no labels" and train_y is None:
             continue   # ViT-Tiny trains without labels in every variant
+        if variant == "FP32, same training" and train_y is None:
+            continue   # without labels it would distil the model into itself
         start = time.perf_counter()
-        qmodel, prepared = calibrated()
+        qmodel, prepared = (copy.deepcopy(model), model) if variant.startswith("FP32") else calibrated()
         labels = None if variant == "both, no labels" else train_y
         record = train_qat(prepared, qmodel, train_x, labels, dataclasses.replace(base, **VARIANTS[variant]))
-        score(f"QAT {variant}", qmodel, time.perf_counter() - start)
+        score(variant if variant.startswith("FP32") else f"QAT {variant}", qmodel, time.perf_counter() - start)
+        if variant.startswith("FP32"):
+            trained_fp32 = PairedScore(logits(qmodel, x), y)
+        elif trained_fp32 is not None and labels is not None:
+            top1, agree, kl, _ = trained_fp32(logits(qmodel, x))
+            trained_rows.append([name, f"QAT {variant}, against FP32 same training", top1, agree, kl, "", ""])
         print(f"    loss per epoch: {record['history']}", file=sys.stderr, flush=True)
-    return rows
+    return rows + trained_rows
 
 
 def main() -> int:
